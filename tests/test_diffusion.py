@@ -6,7 +6,7 @@ import torch
 
 from mdt.diffusion import DenoisingLoss, MaskDiTObjective, NoiseSchedule, ScheduleConfig, make_objective
 from mdt.models import create_model, random_mask
-from tests.model_helpers import FAMILIES_TINY
+from model_helpers import FAMILIES_TINY
 
 
 def test_linear_schedule_matches_dit():

@@ -14,7 +14,7 @@ from mdt.models import (
     random_mask,
     save_pretrained,
 )
-from tests.model_helpers import FAMILIES_TINY, inputs, tiny
+from model_helpers import FAMILIES_TINY, inputs, tiny
 
 MASKED_FAMILIES = [n for n in FAMILIES_TINY if not n.startswith("DiT")]
 
