@@ -136,6 +136,11 @@ def encode_dataset(config: EncodeConfig) -> EncodeSummary:
 
     plan = plan_shards(len(inputs.images), config.shard_size)
     pending = [s for s in shards_of_rank(plan, rank, world_size) if not _shard_done(out, s)]
+    distributed.print0(
+        f"{inputs.description}: {len(inputs.images)} images, {len(inputs.classes)} classes "
+        f"({inputs.classes.rule} order), {inputs.ignored_files} non-image files ignored; "
+        f"{len(plan)} shards of {config.shard_size}, {len(pending)} to write on rank 0 of {world_size}"
+    )
     started = time.perf_counter()
     encoded_now = _encode_shards(out, pending, inputs.images, vae, config, rank) if pending else 0
     seconds = time.perf_counter() - started
