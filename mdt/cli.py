@@ -15,7 +15,8 @@ import typer
 
 from mdt.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help=__doc__.splitlines()[0])
 
 
 @app.callback()
@@ -25,13 +26,14 @@ def root() -> None:
 
 @app.command("models")
 def models_command() -> None:
-    """List the model names `--model` accepts, with their parameter counts."""
-    from mdt.models import create_model, list_models
+    """List the model names `--model` accepts, with parameters and forward GFLOPs per 256px image."""
+    from mdt.models import list_models
+    from mdt.models.stats import model_stats
 
+    typer.echo(f"{'model':16s} {'params':>10s} {'GFLOPs':>8s}")
     for name in list_models():
-        model = create_model(name)
-        params = sum(p.numel() for p in model.parameters())
-        typer.echo(f"{name:16s} {params / 1e6:9.2f}M")
+        stats = model_stats(name)
+        typer.echo(f"{name:16s} {stats.params / 1e6:9.1f}M {stats.forward_flops / 1e9:8.1f}")
 
 
 @app.command("train")
