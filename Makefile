@@ -9,6 +9,19 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
 
+# Multi-process launch: NPROC processes per node (one GPU each); with HOSTFILE, NODES nodes through
+# the DeepSpeed launcher. NPROC=1 and no HOSTFILE runs a plain single process.
+NPROC ?= 1
+NODES ?= 1
+HOSTFILE ?=
+ifneq ($(strip $(HOSTFILE)),)
+LAUNCH = $(VENV)/bin/deepspeed --hostfile $(HOSTFILE) --num_nodes $(NODES) --num_gpus $(NPROC) --module mdt.cli
+else ifneq ($(NPROC),1)
+LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m mdt.cli
+else
+LAUNCH = $(PY) -m mdt.cli
+endif
+
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
@@ -29,4 +42,16 @@ test: setup ## run the CPU test suite
 lint: setup ## ruff over the package, tools and tests
 	$(VENV)/bin/ruff check mdt tools tests
 
-.PHONY: help setup test lint
+# Training: a recipe (PIPELINE=pipelines/x.yaml) and/or flags; flags win. RESUME=RUN continues a run.
+train: setup ## train with DeepSpeed: PIPELINE= or DATA= MODEL= OUT=, [DS_CONFIG= STEPS= RESUME= NPROC= NODES= HOSTFILE=]
+	$(LAUNCH) train $(if $(PIPELINE),--config $(PIPELINE)) $(if $(DATA),--data $(DATA)) \
+		$(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) $(if $(DS_CONFIG),--deepspeed-config $(DS_CONFIG)) \
+		$(if $(STEPS),--steps $(STEPS)) $(if $(RESUME),--resume $(RESUME)) $(TRAIN_ARGS)
+
+bench-model: setup ## forward+backward throughput of every family (tools/bench_model.py, JSON lines)
+	$(PY) tools/bench_model.py $(BENCH_ARGS)
+
+bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
+	$(PY) tools/bench_train.py $(BENCH_ARGS)
+
+.PHONY: help setup test lint train bench-model bench-train
