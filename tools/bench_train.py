@@ -30,7 +30,7 @@ def make_step(name: str, args, device: torch.device):
     cfg = model.config
     objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
                                patch_size=cfg.patch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,
                                          grad_clip=1.0, precision=args.precision)

@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         raise UserError(f"--mask-schedule {cfg.mask_schedule} needs a masked model; {model_cfg.name} has no mask")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr / cfg.lr))
     ds_config = resolve_deepspeed_config(cfg.deepspeed_config, micro_batch=cfg.micro_batch,
