@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,34 @@ def xformers_available() -> bool:
     return True
 
 
+@functools.cache
+def xformers_usable(device: torch.device) -> bool:
+    """Whether xformers has working kernels for `device`.
+
+    A wheel built for another torch release imports fine but has no CUDA operators, so `auto`
+    tries one tiny call before choosing it (and falls back to SDPA with a warning).
+    """
+    if device.type != "cuda" or not xformers_available():
+        return False
+    import xformers.ops as xops
+
+    q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.bfloat16)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except (NotImplementedError, RuntimeError) as err:
+        warnings.warn(f"xformers is installed but cannot run on {device} ({str(err).splitlines()[0]}); "
+                      "using PyTorch SDPA", stacklevel=2)
+        return False
+    return True
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """The backend that will run on `device`: 'sdpa' or 'xformers'."""
     choice = requested or os.environ.get(ENV_VAR, "auto")
     if choice not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {choice!r} (check {ENV_VAR})")
     if choice == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        return "xformers" if xformers_usable(device) else "sdpa"
     if choice == "xformers":
         if not xformers_available():
             raise ValueError("attention backend 'xformers' was requested but xformers is not installed; "

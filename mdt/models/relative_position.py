@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,7 +26,8 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Full bias (H, N, N) shared by the batch, or (B, H, K, K) for kept indices `keep` (B, K)."""
-        if keep is None:
-            return self.table[self.index].permute(2, 0, 1)  # (H, N, N)
-        index = self.index[keep[:, :, None], keep[:, None, :]]  # (B, K, K)
-        return self.table[index].permute(0, 3, 1, 2)  # (B, H, K, K)
+        index = self.index if keep is None else self.index[keep[:, :, None], keep[:, None, :]]  # (N, N) | (B, K, K)
+        # embedding's backward sums the many repeats of each offset by sorting, not with contended
+        # atomics as indexing's does; a contiguous last dim lets SDPA use its fused kernels.
+        bias = F.embedding(index, self.table)  # (..., K, K, H)
+        return bias.movedim(-1, -3).contiguous()  # (H, N, N) or (B, H, K, K)
