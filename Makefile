@@ -29,4 +29,22 @@ test: setup ## run the CPU test suite
 lint: setup ## ruff over the package, tools and tests
 	$(VENV)/bin/ruff check mdt tools tests
 
-.PHONY: help setup test lint
+# encode-latents: DATA and OUT are required; the rest default to the paper setting (256 px, SD-VAE).
+RES ?= 256
+VAE ?= stabilityai/sd-vae-ft-ema
+NPROC ?= 1
+FLIP ?= 0
+BATCH ?= 32
+WORKERS ?=
+ENCODE_ARGS = "$(DATA)" "$(OUT)" --resolution $(RES) --vae "$(VAE)" --batch-size $(BATCH) \
+	$(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(WORKERS),--workers $(WORKERS))
+
+encode-latents: setup ## encode DATA (image folder or tars) to latent shards in OUT; RES VAE NPROC FLIP=1 BATCH WORKERS
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "error: pass DATA=<image folder or tar shards> OUT=<output folder>" >&2; exit 2; }
+ifeq ($(shell test $(NPROC) -gt 1 && echo multi),multi)
+	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) -m mdt.cli encode $(ENCODE_ARGS)
+else
+	$(PY) -m mdt.cli encode $(ENCODE_ARGS)
+endif
+
+.PHONY: help setup test lint encode-latents
