@@ -222,11 +222,18 @@ def _claim_output(out: Path, settings: dict[str, Any]) -> None:
     settings_path = out / STATE_DIR / SETTINGS_NAME
     manifest_path = out / MANIFEST_NAME
     recorded: dict[str, Any] | None = None
-    if settings_path.is_file():
-        recorded = json.loads(settings_path.read_text())
-    elif manifest_path.is_file():
-        recorded = json.loads(manifest_path.read_text()).get("settings")
-    elif out.is_dir() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out}: is a file, not a folder; choose a folder for the latent shards.")
+    try:
+        if settings_path.is_file():
+            recorded = json.loads(settings_path.read_text())
+        elif manifest_path.is_file():
+            recorded = json.loads(manifest_path.read_text()).get("settings")
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"OUT {out}: its encode record is unreadable ({err}); encode into a new folder."
+        ) from err
+    if recorded is None and out.is_dir() and any(p.name != STATE_DIR for p in out.iterdir()):
         raise UserError(
             f"OUT {out}: the folder is not empty and was not written by `mdt encode`; choose a new folder."
         )
