@@ -42,6 +42,21 @@ test: setup ## run the CPU test suite
 lint: setup ## ruff over the package, tools and tests
 	$(VENV)/bin/ruff check mdt tools tests
 
+# encode-latents: DATA and OUT are required; the rest default to the paper setting (256 px, SD-VAE).
+RES ?= 256
+VAE ?= stabilityai/sd-vae-ft-ema
+FLIP ?= 0
+BATCH ?= 32
+WORKERS ?=
+ENCODE_ARGS = "$(DATA)" "$(OUT)" --resolution $(RES) --vae "$(VAE)" --batch-size $(BATCH) \
+	$(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(WORKERS),--workers $(WORKERS))
+
+encode-latents: setup ## encode DATA (image folder or tars) to latent shards in OUT; RES VAE NPROC FLIP=1 BATCH WORKERS
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "error: pass DATA=<image folder or tar shards> OUT=<output folder>" >&2; exit 2; }
+	$(LAUNCH) encode $(ENCODE_ARGS)
+
+.PHONY: help setup test lint encode-latents train bench-model bench-train
+
 # Training: a recipe (PIPELINE=pipelines/x.yaml) and/or flags; flags win. RESUME=RUN continues a run.
 train: setup ## train with DeepSpeed: PIPELINE= or DATA= MODEL= OUT=, [DS_CONFIG= STEPS= RESUME= NPROC= NODES= HOSTFILE=]
 	$(LAUNCH) train $(if $(PIPELINE),--config $(PIPELINE)) $(if $(DATA),--data $(DATA)) \
@@ -54,4 +69,3 @@ bench-model: setup ## forward+backward throughput of every family (tools/bench_m
 bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
 	$(PY) tools/bench_train.py $(BENCH_ARGS)
 
-.PHONY: help setup test lint train bench-model bench-train

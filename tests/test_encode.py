@@ -179,6 +179,7 @@ def test_input_and_output_mistakes_are_one_line_errors(tmp_path: Path, tiny_vae_
         (str(tmp_path / "missing"), str(tmp_path / "o1"), "no such folder"),
         (str(tmp_path / "empty"), str(tmp_path / "o2"), "hold no images"),
         (str(tmp_path / "ok"), str(tmp_path / "busy"), "not empty"),
+        (str(tmp_path / "ok"), str(tmp_path / "busy" / "thesis.tex"), "is a file"),
     ]
     for source, out, message in cases:
         with pytest.raises(UserError, match=message):

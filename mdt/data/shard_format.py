@@ -15,12 +15,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from mdt.data.tar_stream import iter_tar_members
 
 MOMENTS_FIELD = "moments.npy"
 LABEL_FIELD = "cls"
@@ -95,20 +97,50 @@ class RawSample:
     fields: dict[str, bytes]
 
 
-def iter_tar_samples(path: str | Path) -> Iterator[RawSample]:
-    """Samples of one shard in stored order, grouped by key (raises tarfile/OS errors as found)."""
-    with tarfile.open(path, mode="r|") as tar:
-        current: RawSample | None = None
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, field = info.name.partition(".")
-            handle = tar.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = RawSample(key, {})
-            current.fields[field] = data
-        if current is not None:
-            yield current
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, field) as WebDataset splits a member name: the key ends at the basename's first dot."""
+    directory, _, basename = name.rpartition("/")
+    stem, _, field = basename.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), field
+
+
+def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[RawSample]:
+    """Consecutive members with the same key, as one sample."""
+    current: RawSample | None = None
+    for name, data in members:
+        key, field = split_member_name(name)
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = RawSample(key, {})
+        current.fields[field] = data
+    if current is not None:
+        yield current
+
+
+def iter_tar_samples(path: str | Path, fields: Iterable[str] | None = None) -> Iterator[RawSample]:
+    """Samples of one shard in stored order (only `fields` read, when given); raises TarFormatError
+    or OSError on a damaged shard."""
+    wanted = None
+    if fields is not None:
+        suffixes = tuple("." + f for f in fields)
+        wanted = lambda name: name.endswith(suffixes)  # noqa: E731
+    with open(path, "rb", buffering=1 << 20) as stream:
+        yield from group_samples(iter_tar_members(stream, wanted))
+
+
+class MomentsDecoder:
+    """Decodes `moments.npy` bytes of a known shape fast: when the .npy header is byte for byte the
+    one np.save writes for (shape, float16), the payload is used directly; anything else goes
+    through np.load (without pickle), which checks it."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        reference = encode_moments(np.zeros(self.shape, dtype=np.float16))
+        self.nbytes = int(np.prod(self.shape)) * 2
+        self.header = reference[: len(reference) - self.nbytes]
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        if len(data) == len(self.header) + self.nbytes and data.startswith(self.header):
+            return np.frombuffer(data, dtype=np.float16, offset=len(self.header)).reshape(self.shape)
+        return decode_moments(data)

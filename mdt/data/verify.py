@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from mdt.data.shard_format import (
     decode_source,
     iter_tar_samples,
 )
+from mdt.data.tar_stream import TarFormatError
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _check_shard(
                 return f"sample {sample.key} also appears in {seen_keys[sample.key]}"
             seen_keys[sample.key] = name
             count += 1
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (TarFormatError, OSError) as err:
         return f"unreadable after {count} samples ({type(err).__name__}: {err})"
     finally:
         report.samples_checked += count
