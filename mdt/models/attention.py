@@ -1,0 +1,97 @@
+"""Multi-head self-attention with an optional additive bias, over two interchangeable backends.
+
+Backends: PyTorch `scaled_dot_product_attention` (CPU and GPU, always available) and xformers
+`memory_efficient_attention` (CUDA only, optional). `auto` picks xformers for CUDA tensors when it
+is installed, SDPA otherwise; `MDT_ATTENTION_BACKEND=sdpa|xformers|auto` overrides the default of
+every module, and a module's `backend` argument overrides both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("auto", "sdpa", "xformers")
+ENV_VAR = "MDT_ATTENTION_BACKEND"
+
+
+@functools.cache
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """The backend that will run on `device`: 'sdpa' or 'xformers'."""
+    choice = requested or os.environ.get(ENV_VAR, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {choice!r} (check {ENV_VAR})")
+    if choice == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if choice == "xformers":
+        if not xformers_available():
+            raise ValueError("attention backend 'xformers' was requested but xformers is not installed; "
+                             "install the `xformers` extra or use 'sdpa'")
+        if device.type != "cuda":
+            raise ValueError("attention backend 'xformers' has no CPU kernels; use 'sdpa' on CPU")
+    return choice
+
+
+def _xformers_bias(bias: torch.Tensor, batch: int, q: torch.Tensor) -> torch.Tensor:
+    """xformers wants a (B, H, Mq, Mk) bias whose row stride is a multiple of 8 elements.
+
+    Gradients reach the bias only through a full contiguous tensor, so when it needs them the
+    per-sample copy is unavoidable here (SDPA broadcasts a shared (H, N, N) bias instead).
+    """
+    heads, n_q, n_k = bias.shape[-3:]
+    padded = (n_k + 7) // 8 * 8
+    storage = torch.empty(batch, heads, n_q, padded, dtype=q.dtype, device=q.device)
+    out = storage[..., :n_k]
+    out.copy_(bias.to(q.dtype).expand(batch, heads, n_q, n_k))
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v.
+
+    q, k, v: (B, H, N, d). bias: None, (H, N, N) shared by the batch, or (B, H, N, N).
+    Returns (B, H, N, d).
+    """
+    chosen = resolve_backend(backend, q.device)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if chosen == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    import xformers.ops as xops
+
+    attn_bias = _xformers_bias(bias, q.shape[0], q) if bias is not None else None
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias
+    )  # xformers layout is (B, N, H, d)
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, backend: str | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d_head)
+        out = attention(q, k, v, bias, self.backend)  # (B, H, N, d_head)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))

@@ -1,0 +1,88 @@
+"""The model configuration: everything needed to rebuild a model, and nothing about training."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+FAMILIES = ("dit", "mdt", "mdtv2", "maskdit")
+RESTORES = ("none", "side_interpolater", "mask_token")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a diffusion transformer; a family is a preset of these switches.
+
+    - DiT: `depth` plain blocks, no masking.
+    - MDT (v1): `depth - decoder_depth` encoder blocks, the side-interpolater (masked pass only),
+      `decoder_depth` decoder blocks; relative position bias everywhere.
+    - MDTv2: as MDT, plus U-ViT long skips across the encoder and the full input embedding fused
+      into the decoder input (`input_skip`).
+    - MaskDiT: `depth` encoder blocks on visible tokens, mask tokens, then `decoder_depth` light
+      blocks of width `decoder_hidden_size` on all tokens.
+    """
+
+    name: str
+    family: str
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    decoder_depth: int = 0
+    decoder_hidden_size: int = 0
+    decoder_num_heads: int = 0
+    restore: str = "none"
+    rel_pos_bias: bool = False
+    long_skips: bool = False
+    input_skip: bool = False
+    attention_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.restore not in RESTORES:
+            raise ValueError(f"restore must be one of {RESTORES}, got {self.restore!r}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input size {self.input_size} is not divisible by patch size {self.patch_size}")
+        if self.restore == "side_interpolater" and not 0 <= self.decoder_depth < self.depth:
+            raise ValueError(f"decoder_depth must be in [0, depth={self.depth}), got {self.decoder_depth}")
+        if self.restore == "mask_token" and (self.decoder_depth < 1 or self.decoder_hidden_size < 1):
+            raise ValueError("a mask-token decoder needs decoder_depth >= 1 and decoder_hidden_size >= 1")
+        if self.restore == "none" and self.decoder_depth:
+            raise ValueError("decoder_depth needs restore='side_interpolater' or 'mask_token'")
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def encoder_depth(self) -> int:
+        return self.depth - self.decoder_depth if self.restore == "side_interpolater" else self.depth
+
+    @property
+    def supports_mask(self) -> bool:
+        return self.restore != "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**data)

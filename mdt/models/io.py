@@ -1,0 +1,60 @@
+"""Save and load a model as safetensors weights + a JSON config that rebuilds it alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdt.errors import UserError
+from mdt.fileio import atomic_path, write_json
+from mdt.models.config import ModelConfig
+from mdt.models.transformer import DiffusionTransformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model_config.json"
+
+
+def save_pretrained(model: DiffusionTransformer, directory: str | Path,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model.safetensors` and `model_config.json` into `directory` (each atomically).
+
+    `state_dict` replaces the model's own weights (the trainer passes its EMA weights).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / CONFIG, model.config.to_dict())
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; point to a folder written by `mdt train` (its ema/ folder) "
+                        "or by mdt.models.save_pretrained")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path} is not a valid model config ({err}); re-export the model") from err
+
+
+def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> DiffusionTransformer:
+    """Rebuild the model from `model_config.json` and load `model.safetensors`; eval mode."""
+    directory = Path(directory)
+    config = read_model_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights} does not exist; the folder has a model config but no weights")
+    model = DiffusionTransformer(config)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights} does not match {directory / CONFIG}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}; the weights come from a different model")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,84 @@
+"""Token masks for masked diffusion training, drawn outside the model from a seeded generator.
+
+A mask is a bool tensor (B, N) over the row-major token grid, True where a token is DROPPED.
+Every sample of a batch drops the same number of tokens so the kept tokens stack into (B, K, D).
+Strategies: random patches (MAE, MDT, MaskDiT) and MaskDM's block-wise and crop masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+
+
+def _mask_from_scores(scores: torch.Tensor, num_drop: int) -> torch.Tensor:
+    """Drop the `num_drop` highest-scoring positions of each row."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if num_drop:
+        mask.scatter_(1, scores.topk(num_drop, dim=1).indices, True)
+    return mask
+
+
+def random_mask(batch: int, grid_size: int, ratio: float, *, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Drop round(ratio * N) tokens chosen uniformly at random per sample."""
+    check_ratio(ratio)
+    n = grid_size * grid_size
+    scores = torch.rand(batch, n, generator=generator, device=generator.device if generator else "cpu")
+    return _mask_from_scores(scores, round(ratio * n)).to(device)
+
+
+def block_mask(batch: int, grid_size: int, ratio: float, *, block: int = 2,
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Drop whole block x block groups of tokens (MaskDM's block-wise masking)."""
+    check_ratio(ratio)
+    if grid_size % block:
+        raise ValueError(f"block size {block} must divide the token grid size {grid_size}")
+    groups = grid_size // block
+    scores = torch.rand(batch, groups * groups, generator=generator,
+                        device=generator.device if generator else "cpu")
+    group_mask = _mask_from_scores(scores, round(ratio * groups * groups)).view(batch, groups, groups)
+    mask = group_mask.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)
+    return mask.reshape(batch, -1).to(device)
+
+
+def crop_mask(batch: int, grid_size: int, ratio: float, *, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep one contiguous square window of about (1 - ratio) * N tokens at a random place."""
+    check_ratio(ratio)
+    side = max(1, min(grid_size, round(math.sqrt((1.0 - ratio) * grid_size * grid_size))))
+    span = grid_size - side + 1
+    gen_device = generator.device if generator else "cpu"
+    top = torch.randint(span, (batch,), generator=generator, device=gen_device)
+    left = torch.randint(span, (batch,), generator=generator, device=gen_device)
+    coords = torch.arange(grid_size, device=gen_device)
+    rows_in = (coords[None] >= top[:, None]) & (coords[None] < top[:, None] + side)  # (B, g)
+    cols_in = (coords[None] >= left[:, None]) & (coords[None] < left[:, None] + side)
+    keep = rows_in[:, :, None] & cols_in[:, None, :]
+    return (~keep).reshape(batch, -1).to(device)
+
+
+MASKERS = {"random": random_mask, "block": block_mask, "crop": crop_mask}
+
+
+def kept_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the kept tokens of each row, in increasing order: (B, K).
+
+    Raises ValueError unless every row keeps the same number of tokens.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (B, N), got {tuple(mask.shape)} {mask.dtype}")
+    kept = (~mask).sum(dim=1)
+    if not torch.all(kept == kept[0]):
+        raise ValueError("every sample of a batch must drop the same number of tokens")
+    if kept[0] == 0:
+        raise ValueError("a mask must keep at least one token")
+    # Stable sort puts kept positions (False -> 0) first, each group in index order.
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, : int(kept[0])]
