@@ -7,13 +7,14 @@ including the VAE). A training run folder holds its latest export at `RUN/ema/`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
-from mdt.sample.schedulers import DiffusionSettings
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -25,7 +26,7 @@ MANIFEST_FILE = "data_manifest.json"
 class Checkpoint:
     export_dir: Path
     model_config: dict[str, Any]
-    diffusion: DiffusionSettings
+    diffusion: ScheduleConfig
     manifest: dict[str, Any] | None
 
     @property
@@ -72,14 +73,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _read_diffusion(path: Path) -> ScheduleConfig:
+    data = _read_json(path)
+    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    try:
+        diffusion = ScheduleConfig(**{k: v for k, v in data.items() if k in known})
+        make_betas(diffusion)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path} does not describe a diffusion process this version knows ({err}); re-export the checkpoint.") from None
+    if diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise UserError(f"{path}: prediction_type {diffusion.prediction_type!r} is unknown; re-export the checkpoint.")
+    return diffusion
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read the JSON records of a checkpoint (not the weights); a missing diffusion.json means DiT's defaults."""
     export = resolve_export_dir(path)
     model_config = _read_json(export / MODEL_CONFIG)
     diffusion_path = export / DIFFUSION_FILE
-    diffusion = (
-        DiffusionSettings.from_dict(_read_json(diffusion_path)) if diffusion_path.is_file() else DiffusionSettings()
-    )
+    diffusion = _read_diffusion(diffusion_path) if diffusion_path.is_file() else ScheduleConfig()
     manifest_path = export / MANIFEST_FILE
     manifest = _read_json(manifest_path) if manifest_path.is_file() else None
     learn_sigma = bool(model_config.get("learn_sigma", diffusion.learn_sigma))

@@ -118,6 +118,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_sp
         "seed": config.seed,
         "vae": vae_spec,
         "precision": config.precision,
+        "batch_size": config.batch_size,
         "num_samples": config.num_samples,
         "model_config": checkpoint.model_config,
         "diffusion": checkpoint.diffusion.to_dict(),
@@ -136,6 +137,11 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
     if changed:
         raise UserError(
             f"--out {out} holds samples made with different {', '.join(changed)}; use a new --out or the same settings to resume."
+        )
+    if previous.get("batch_size") != record["batch_size"]:
+        dist.print0(
+            f"note: resuming with --batch-size {record['batch_size']} (was {previous.get('batch_size')}); new images "
+            "may differ from an uninterrupted run in the last float bits, as forward shapes changed."
         )
 
 
@@ -177,15 +183,19 @@ def run_sampling(config: SampleConfig) -> SampleResult:
     start = time.perf_counter()
     for lo in range(0, len(mine), config.batch_size):
         indices = mine[lo : lo + config.batch_size]
-        generators = noise_generators(config.seed, indices)
+        # Pad the last batch to full size: every forward pass then has the same shape, so no
+        # kernel picks a different reduction order and the split over ranks cannot change a bit.
+        pad = config.batch_size - len(indices)
+        generators = noise_generators(config.seed, indices) + noise_generators(config.seed, [0] * pad)
         noise = initial_noise(generators, checkpoint.latent_shape).to(device)
-        labels = torch.tensor(class_labels(classes, config.seed, indices, checkpoint.num_classes), device=device)
+        label_list = class_labels(classes, config.seed, indices, checkpoint.num_classes)
+        labels = torch.tensor(label_list + label_list[:1] * pad, device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = sampler(
                 denoiser, noise, labels, diffusion=checkpoint.diffusion, steps=steps, generators=generators
             )
         with torch.no_grad():
-            images = to_uint8(vae.decode(latents.float()))
+            images = to_uint8(vae.decode(latents[: len(indices)].float()))
         for i, image in zip(indices, images, strict=True):
             write_png(sample_path(out, i), image)
         # Rank 0's bar counts every rank's work, assuming they keep pace.

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from mdt.sample.schedulers import DiffusionSettings, ddim_scheduler, ddpm_scheduler, dpmpp_scheduler
+from mdt.diffusion.schedule import ScheduleConfig
+from mdt.sample.schedulers import ddim_scheduler, ddpm_scheduler, dpmpp_scheduler
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -27,7 +28,7 @@ class Sampler(Protocol):
         noise: Tensor,
         labels: Tensor,
         *,
-        diffusion: DiffusionSettings,
+        diffusion: ScheduleConfig,
         steps: int,
         generators: list[torch.Generator],
     ) -> Tensor: ...
@@ -59,7 +60,7 @@ def sample_ddpm(
     noise: Tensor,
     labels: Tensor,
     *,
-    diffusion: DiffusionSettings,
+    diffusion: ScheduleConfig,
     steps: int,
     generators: list[torch.Generator],
 ) -> Tensor:
@@ -74,7 +75,7 @@ def sample_ddim(
     noise: Tensor,
     labels: Tensor,
     *,
-    diffusion: DiffusionSettings,
+    diffusion: ScheduleConfig,
     steps: int,
     generators: list[torch.Generator],
 ) -> Tensor:
@@ -89,7 +90,7 @@ def sample_dpmpp(
     noise: Tensor,
     labels: Tensor,
     *,
-    diffusion: DiffusionSettings,
+    diffusion: ScheduleConfig,
     steps: int,
     generators: list[torch.Generator],
 ) -> Tensor:

@@ -7,42 +7,23 @@ the solvers in `samplers.py` only step. The schedule always comes from the check
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from mdt.diffusion.schedule import ScheduleConfig, make_betas
 
-@dataclass(frozen=True)
-class DiffusionSettings:
-    """The training diffusion process of a checkpoint (the `diffusion.json` the trainer exports)."""
 
-    num_timesteps: int = 1000
-    beta_schedule: str = "linear"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    prediction_type: str = "epsilon"
-    learn_sigma: bool = True
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def scheduler_kwargs(self) -> dict[str, Any]:
-        # Latents are not bounded to [-1, 1]: never clip or threshold the predicted x0.
-        return dict(
-            num_train_timesteps=self.num_timesteps,
-            beta_schedule=self.beta_schedule,
-            beta_start=self.beta_start,
-            beta_end=self.beta_end,
-            prediction_type=self.prediction_type,
-            thresholding=False,
-        )
+def _schedule_kwargs(diffusion: ScheduleConfig) -> dict[str, Any]:
+    # The betas come from the same function training used, so any schedule the trainer knows
+    # (linear, cosine) is matched exactly. Latents are not bounded to [-1, 1]: never threshold x0.
+    return dict(
+        num_train_timesteps=diffusion.num_timesteps,
+        trained_betas=make_betas(diffusion).tolist(),
+        prediction_type=diffusion.prediction_type,
+        thresholding=False,
+    )
 
 
 def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -54,11 +35,11 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [int(t) for t in np.linspace(0, num_timesteps - 1, steps).round()[::-1]]
 
 
-def ddpm_scheduler(diffusion: DiffusionSettings, steps: int) -> DDPMScheduler:
+def ddpm_scheduler(diffusion: ScheduleConfig, steps: int) -> DDPMScheduler:
     """Ancestral DDPM respaced to `steps`. With learned sigma the scheduler splits the 2C output itself
     and interpolates the log-variance between the respaced posterior and beta (ADM's learned range)."""
     scheduler = DDPMScheduler(
-        **diffusion.scheduler_kwargs(),
+        **_schedule_kwargs(diffusion),
         variance_type="learned_range" if diffusion.learn_sigma else "fixed_small",
         clip_sample=False,
     )
@@ -67,12 +48,12 @@ def ddpm_scheduler(diffusion: DiffusionSettings, steps: int) -> DDPMScheduler:
     return scheduler
 
 
-def ddim_scheduler(diffusion: DiffusionSettings, steps: int) -> DDIMScheduler:
+def ddim_scheduler(diffusion: ScheduleConfig, steps: int) -> DDIMScheduler:
     """Deterministic DDIM (eta = 0). DDIMScheduler steps back by a fixed stride T // steps, so it gets
     the "leading" spacing (multiples of that stride), the only one whose visited timesteps agree
     with the stride; the last step lands on abar = 1."""
     scheduler = DDIMScheduler(
-        **diffusion.scheduler_kwargs(),
+        **_schedule_kwargs(diffusion),
         clip_sample=False,
         set_alpha_to_one=True,
         timestep_spacing="leading",
@@ -82,12 +63,12 @@ def ddim_scheduler(diffusion: DiffusionSettings, steps: int) -> DDIMScheduler:
     return scheduler
 
 
-def dpmpp_scheduler(diffusion: DiffusionSettings, steps: int) -> DPMSolverMultistepScheduler:
+def dpmpp_scheduler(diffusion: ScheduleConfig, steps: int) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (2M, data prediction) on the respaced timesteps. variance_type stays None: its
     learned-variance branch keeps channels [:3] only, wrong for 4-channel latents, so the sampler
     hands it the C mean channels."""
     scheduler = DPMSolverMultistepScheduler(
-        **diffusion.scheduler_kwargs(),
+        **_schedule_kwargs(diffusion),
         algorithm_type="dpmsolver++",
         solver_order=2,
         lower_order_final=True,
