@@ -21,6 +21,8 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600; artifacts are shared between users of a cluster.
+        os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

@@ -131,8 +131,10 @@ def load_autoencoder(
         module.to(device=device)
     cfg = module.config
     num_down = len(cfg.block_out_channels) - 1
+    # Local paths are recorded absolute, so a later stage finds them from any working directory.
+    recorded_spec = str(path.resolve()) if path.exists() else spec
     return Autoencoder(
-        spec=spec,
+        spec=recorded_spec,
         kind="autoencoder-kl",
         scaling_factor=float(cfg.scaling_factor),
         shift_factor=float(cfg.shift_factor or 0.0),

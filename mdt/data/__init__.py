@@ -1,0 +1,1 @@
+"""Data: image inputs, class index, ADM preprocessing, latent shards (writer, reader), manifest."""
