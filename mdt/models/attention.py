@@ -58,6 +58,13 @@ def _xformers_bias(bias: torch.Tensor, batch: int, q: torch.Tensor) -> torch.Ten
     return out
 
 
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The written-out product. On CPU, SDPA falls back to its math kernel for a bias that needs
+    gradients, and these three ops are faster than that kernel (tools/bench_model.py)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, N, N)
+    return scores.softmax(dim=-1) @ v
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               backend: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v.
@@ -69,6 +76,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     if bias is not None:
         bias = bias.to(q.dtype)
     if chosen == "sdpa":
+        if bias is not None and bias.requires_grad and q.device.type == "cpu":
+            return _explicit_attention(q, k, v, bias)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     import xformers.ops as xops
 

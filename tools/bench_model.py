@@ -1,0 +1,118 @@
+"""Forward+backward throughput of every model family, masked and unmasked, against a matmul peak.
+
+Prints JSON lines: one `matmul_peak`, one line per (model, mask ratio) pass with seconds per step,
+images/s, FLOPs per image (torch.utils.flop_counter), achieved FLOP/s and its fraction of the peak,
+ratio lines (MaskDiT masked vs unmasked, MDTv2 masked vs full against the token count), and
+attention with vs without relative bias. Everything is measured in this one process run.
+
+    python tools/bench_model.py                       # CPU: S/2, batch 8, fp32
+    python tools/bench_model.py --device cuda --dtype bf16 --sizes S XL --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmark_utils import count_flops, emit, machine, matmul_peak, time_call
+from mdt.models import create_model, random_mask
+from mdt.models.attention import Attention, attention, resolve_backend
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pass_fn(model, batch: int, ratio: float, device, dtype):
+    cfg = model.config
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
+    mask = random_mask(batch, cfg.grid_size, ratio, generator=gen, device=device) if ratio else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(x, t, y, mask).float().square().mean().backward()
+
+    return step
+
+
+def bench_models(args, device, dtype, peak: float) -> None:
+    for size in args.sizes:
+        results = {}
+        for family in ("DiT", "MDT", "MDTv2", "MaskDiT"):
+            name = f"{family}-{size}/2"
+            model = create_model(name).to(device, dtype)
+            ratios = (0.0,) if family == "DiT" else (0.0, 0.5)
+            for ratio in ratios:
+                step = pass_fn(model, args.batch, ratio, device, dtype)
+                flops = count_flops(step) / args.batch
+                seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    step()
+                results[(family, ratio)] = (seconds, flops)
+                record = {
+                    "figure": "model_pass", "model": name, "mask_ratio": ratio, "batch": args.batch,
+                    "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds, 4),
+                    "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
+                    "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
+                    "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
+                }
+                if device.type == "cuda":
+                    record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                emit(record)
+            del model
+        md0, md5 = results[("MaskDiT", 0.0)], results[("MaskDiT", 0.5)]
+        emit({"figure": "maskdit_speedup", "size": size, "masked_over_unmasked_images_per_s": round(md0[0] / md5[0], 3)})
+        v2_full, v2_masked = results[("MDTv2", 0.0)], results[("MDTv2", 0.5)]
+        # The masked pass should cost what its FLOPs say: time ratio close to FLOP ratio.
+        emit({"figure": "mdtv2_masked_vs_full", "size": size,
+              "time_ratio": round(v2_masked[0] / v2_full[0], 3),
+              "flop_ratio": round(v2_masked[1] / v2_full[1], 3)})
+
+
+def bench_attention_bias(args, device, dtype) -> None:
+    """Attention at S/2's shape (forward + backward), with and without a learnable shared bias:
+    the core op alone, and the whole attention layer (projections included)."""
+    b, heads, n, d = args.batch, 6, 256, 64
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
+
+    q, k, v = leaf(b, heads, n, d), leaf(b, heads, n, d), leaf(b, heads, n, d)
+    bias = leaf(heads, n, n)
+    layer = Attention(heads * d, heads).to(device, dtype)
+    x = leaf(b, n, heads * d)
+    steps = {
+        "core": lambda bias_arg: attention(q, k, v, bias_arg).float().sum().backward(),
+        "layer": lambda bias_arg: layer(x, bias_arg).float().sum().backward(),
+    }
+    for scope, step in steps.items():
+        plain = time_call(lambda step=step: step(None), device, warmup=args.warmup, repeats=args.repeats * 3)
+        biased = time_call(lambda step=step: step(bias), device, warmup=args.warmup, repeats=args.repeats * 3)
+        emit({"figure": "attention_bias_overhead", "scope": scope, "backend": resolve_backend(None, device),
+              "shape": [b, heads, n, d], "dtype": args.dtype, "seconds_no_bias": round(plain, 5),
+              "seconds_with_bias": round(biased, 5), "bias_over_no_bias": round(biased / plain, 3)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--sizes", nargs="+", default=["S"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    peak = matmul_peak(device, dtype)
+    emit({"figure": "matmul_peak", "device": device.type, "dtype": args.dtype, "tflops": round(peak / 1e12, 4),
+          **machine()})
+    bench_attention_bias(args, device, dtype)
+    bench_models(args, device, dtype, peak)
+
+
+if __name__ == "__main__":
+    main()
