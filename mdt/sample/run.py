@@ -23,6 +23,7 @@ from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
 from mdt.sample.samplers import SAMPLERS
+from mdt.sample.schedulers import SCHEDULERS
 from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
@@ -109,6 +110,7 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
 
 
 def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_spec: str) -> dict[str, Any]:
+    scheduler = SCHEDULERS[config.sampler](checkpoint.diffusion, steps)
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
@@ -122,6 +124,8 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_sp
         "num_samples": config.num_samples,
         "model_config": checkpoint.model_config,
         "diffusion": checkpoint.diffusion.to_dict(),
+        "scheduler": type(scheduler).__name__,
+        "timesteps": [int(t) for t in scheduler.timesteps],
         "seeding": "sample i: torch CPU generators seeded by numpy SeedSequence(seed, spawn_key=(i, stream))",
     }
 

@@ -76,3 +76,6 @@ def dpmpp_scheduler(diffusion: ScheduleConfig, steps: int) -> DPMSolverMultistep
     )
     scheduler.set_timesteps(timesteps=respaced_timesteps(diffusion.num_timesteps, steps))
     return scheduler
+
+
+SCHEDULERS = {"ddpm": ddpm_scheduler, "ddim": ddim_scheduler, "dpm++": dpmpp_scheduler}
