@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from model_helpers import FAMILIES_TINY
 
 from mdt.diffusion import DenoisingLoss, MaskDiTObjective, NoiseSchedule, ScheduleConfig, make_objective
 from mdt.models import create_model, random_mask
-from tests.model_helpers import FAMILIES_TINY
 
 
 def test_linear_schedule_matches_dit():

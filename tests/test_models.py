@@ -1,5 +1,6 @@
 import pytest
 import torch
+from model_helpers import FAMILIES_TINY, inputs, tiny
 from torch.utils.flop_counter import FlopCounterMode
 
 from mdt.errors import UserError
@@ -14,7 +15,6 @@ from mdt.models import (
     random_mask,
     save_pretrained,
 )
-from tests.model_helpers import FAMILIES_TINY, inputs, tiny
 
 MASKED_FAMILIES = [n for n in FAMILIES_TINY if not n.startswith("DiT")]
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -286,7 +287,12 @@ class _ImageDataset(Dataset):
         image = self.images[index]
         source: dict[str, Any] = {"source": image.relpath, "class": image.class_name, "label": image.label}
         try:
-            decoded = preprocess(image.read_bytes(), self.resolution)
+            data = image.read_bytes()
+            if not data:
+                return _Decoded(index, None, source, "empty file (0 bytes)")
+            decoded = preprocess(data, self.resolution)
+        except UnidentifiedImageError:
+            return _Decoded(index, None, source, "not an image format PIL can read")
         except DECODE_ERRORS as err:
             return _Decoded(index, None, source, f"{type(err).__name__}: {err}")
         source.update(width=decoded.width, height=decoded.height, mode=decoded.mode)
@@ -377,6 +383,7 @@ class _ShardAssembler:
         self.open_files.close()  # closes the file, then renames it onto the final name
         record = {
             "name": self.shard.name,
+            "rank": distributed.get_rank(),
             "inputs": self.shard.size,
             "count": count,
             "bytes": (self.out / self.shard.name).stat().st_size,

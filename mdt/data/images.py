@@ -51,7 +51,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: PIL's own conversion clips to 255, so rescale the range to 8 bits.
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        top = 65535.0 if image.mode.startswith("I;16") else _white_level(float(values.max()))
         grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -63,6 +63,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def _white_level(peak: float) -> float:
+    """The white of a 32-bit int or float image, guessed from its peak: [0, 1], 8 or 16 bits."""
+    for white in (1.0, 255.0, 65535.0):
+        if peak <= white:
+            return white
+    return peak
 
 
 def center_crop_adm(image: Image.Image, resolution: int) -> Image.Image:

@@ -29,6 +29,11 @@ class LossOutput:
     parts: dict[str, torch.Tensor]  # detached scalars for logging
 
 
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in (bf16 under DeepSpeed's bf16 mode); losses stay in fp32."""
+    return next(model.parameters()).dtype
+
+
 def patch_mask_to_pixels(mask: torch.Tensor, grid_size: int, patch_size: int) -> torch.Tensor:
     """(B, N) bool over tokens -> (B, 1, H, W) float over latent pixels."""
     grid = mask.float().view(-1, 1, grid_size, grid_size)
@@ -103,7 +108,7 @@ class DiffusionObjective:
 
     def pass_loss(self, model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                   noise: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = model(xt.to(x0.dtype), t, y, mask)
+        out = model(xt.to(parameter_dtype(model)), t, y, mask)
         return self.denoising_loss(out, x0.float(), xt, t, noise)
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
@@ -167,7 +172,7 @@ class MaskDiTObjective(DiffusionObjective):
         if self.mask_ratio == 0:
             return combine({"": self.pass_loss(model, x0, xt, t, y, noise)})
         mask = self.masker(x0.shape[0], self.grid_size, self.mask_ratio, generator=generator, device=x0.device)
-        out = model(xt.to(x0.dtype), t, y, mask)
+        out = model(xt.to(parameter_dtype(model)), t, y, mask)
         dropped = patch_mask_to_pixels(mask, self.grid_size, self.patch_size)  # (B, 1, H, W)
         terms = self.denoising_loss(out, x0.float(), xt, t, noise, weights=1 - dropped)
         terms["mae"] = self.mae_weight * self.mae_loss(out[:, : x0.shape[1]].float(), xt, mask)

@@ -1,0 +1,155 @@
+"""The one place that knows DeepSpeed: config resolution, initialisation, ZeRO-aware weights and
+checkpoint save/load. Everything else in the trainer is written as if for one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdt import distributed
+from mdt.errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group() -> None:
+    """Join the launcher's process group, or make a one-process group for a plain `mdt train`."""
+    import deepspeed
+
+    if not distributed.launched_distributed():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(distributed.local_rank())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+def bf16_wanted(precision: str) -> bool:
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def resolve_deepspeed_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
+                             grad_clip: float, precision: str) -> dict[str, Any]:
+    """Read a ZeRO config and fill its "auto" values from the run's settings.
+
+    An explicit value that contradicts the command line is refused rather than silently used.
+    """
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute():
+        path = Path(__file__).resolve().parents[2] / path  # the repository's deepspeed_configs/
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist; pass one of deepspeed_configs/zero{{1,2,3}}.json")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise UserError(f"DeepSpeed config {path} has a '{section}' section; remove it: the optimizer and lr "
+                            "schedule come from the training settings (--lr, warmup_steps, lr_schedule)")
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise UserError(f"DeepSpeed config {path} sets {key}={given} but the run asks for {value}; "
+                            f'set it to "auto" or change the flag')
+        config[key] = value
+    bf16 = bf16_wanted(precision)
+    given_bf16 = config.get("bf16", {}).get("enabled", "auto")
+    if given_bf16 != "auto" and given_bf16 != bf16:
+        raise UserError(f"DeepSpeed config {path} sets bf16.enabled={given_bf16} but --precision is {precision}; "
+                        'set it to "auto"')
+    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    if config.get("fp16", {}).get("enabled") is True:
+        raise UserError(f"DeepSpeed config {path} enables fp16; this trainer supports bf16 or fp32 only")
+    return config
+
+
+class Engine:
+    """A DeepSpeed engine around the model, its optimizer and lr schedule."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any]):
+        import deepspeed
+
+        self.config = config
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=config)
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.param_names = [n for n, _ in self.engine.module.named_parameters()]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.engine(*args, **kwargs)
+
+    def parameters(self):
+        return self.engine.module.parameters()
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward a micro-batch's loss; the optimizer steps at accumulation boundaries."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @torch.no_grad()
+    def full_fp32_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter whole and in fp32: the optimizer's master copy under bf16 or ZeRO-3.
+
+        Collective under ZeRO (every rank must call it).
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {}
+        for name, param in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param) if self.zero_stage > 0 else None
+            params[name] = full if full is not None else param.detach().float()
+        return params
+
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its optimizer partition under directory/tag."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: Path, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"could not load the DeepSpeed checkpoint {directory / tag}; it is incomplete or from "
+                            "another ZeRO layout; resume with the same world size and DeepSpeed config")
+        return client_state

@@ -1,0 +1,346 @@
+"""The training loop: latent shards + a model preset -> a run folder with checkpoints and logs.
+
+One program for one CPU process and for many GPU nodes: DeepSpeed (mdt.train.engine) does the
+distribution. Each step's randomness (timesteps, noise, class dropout, masks) comes from a generator
+seeded by (seed, step, micro-batch, rank) and the data stream is a pure function of the batch index,
+so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from mdt import distributed
+from mdt.data.manifest import Manifest, read_manifest
+from mdt.data.reader import LatentLoader, iter_validation_batches
+from mdt.diffusion import DenoisingLoss, NoiseSchedule, ScheduleConfig, make_objective
+from mdt.errors import UserError
+from mdt.fileio import write_json
+from mdt.models import DiffusionTransformer, ModelConfig, model_config, read_model_config
+from mdt.train.config import TrainConfig
+from mdt.train.ema import EMA
+from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
+from mdt.train.metrics_log import MetricsLog
+from mdt.train.run_dir import (
+    RunDir,
+    read_weights,
+    replace_folder,
+    resolve_init_source,
+    tag_for,
+    write_export,
+)
+from mdt.train.schedules import lr_multiplier, unmask_ratio
+
+VALIDATION_SEED = 20240601  # fixed: every run and model is validated on the same noise
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became non-finite); the last good checkpoint remains."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted_by: str | None  # signal name when stopped early by SIGTERM/SIGINT
+
+
+def _mix(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_data_matches_model(manifest: Manifest, cfg: ModelConfig) -> None:
+    c, h, w = manifest.latent_shape
+    if (c, h, w) != (cfg.in_channels, cfg.input_size, cfg.input_size):
+        raise UserError(
+            f"model {cfg.name} expects {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} latents but "
+            f"{manifest.root} holds {c}x{h}x{w} (resolution {manifest.resolution}); encode at the model's "
+            f"resolution or set model_options.input_size={h} (and in_channels={c}) for a new model")
+    if manifest.num_classes != cfg.num_classes:
+        raise UserError(
+            f"model {cfg.name} has {cfg.num_classes} classes but {manifest.root} has {manifest.num_classes}; "
+            f"set model_options.num_classes={manifest.num_classes} for a new model or use matching data")
+
+
+def check_same_autoencoder(recorded: dict, manifest: Manifest, source: Path) -> None:
+    vae = recorded.get("vae", {})
+    mine = {"kind": manifest.vae_kind, "scaling_factor": manifest.scaling_factor,
+            "latent_shape": list(manifest.latent_shape)}
+    theirs = {"kind": vae.get("kind"), "scaling_factor": vae.get("scaling_factor"),
+              "latent_shape": recorded.get("latent_shape")}
+    if mine != theirs:
+        raise UserError(f"{source} was trained on latents from another autoencoder ({theirs}) than {manifest.root} "
+                        f"({mine}); train on data encoded with the same VAE")
+
+
+def build_model_config(cfg: TrainConfig, manifest: Manifest, init_dir: Path | None) -> ModelConfig:
+    if init_dir is not None:
+        return read_model_config(init_dir)
+    c, h, _ = manifest.latent_shape
+    options = {"input_size": h, "in_channels": c, "num_classes": manifest.num_classes, **cfg.model_options}
+    try:
+        return model_config(cfg.model, **options)
+    except ValueError as err:
+        raise UserError(f"--model {cfg.model}: {err}") from err
+
+
+def split_shards(manifest: Manifest, val_shards: int) -> tuple[list[str], list[str]]:
+    names = [s.name for s in manifest.shards if s.count > 0]
+    if val_shards >= len(names):
+        raise UserError(f"val_shards={val_shards} leaves no training data: {manifest.root} has {len(names)} shards; "
+                        "hold out fewer")
+    cut = len(names) - val_shards
+    return names[:cut], names[cut:]
+
+
+@torch.no_grad()
+def validation_loss(engine: Engine, loss: DenoisingLoss, schedule: NoiseSchedule, data: str,
+                    shards: list[str], batch_size: int, num_batches: int) -> dict[str, float]:
+    """The plain denoising loss (no mask, no class dropout) at fixed timesteps and fixed noise.
+
+    Every rank evaluates the same batches (ZeRO-3 needs all ranks in each forward).
+    """
+    totals: dict[str, float] = {}
+    count = 0
+    for index, batch in enumerate(iter_validation_batches(data, batch_size, VALIDATION_SEED, shards=shards)):
+        if index == num_batches:
+            break
+        x0 = batch["latents"].to(engine.device)
+        b = x0.shape[0]
+        sample_ids = torch.arange(count, count + b)
+        t = ((sample_ids * 7919) % schedule.num_timesteps).to(engine.device)  # spread over [0, T)
+        gen = torch.Generator().manual_seed(_mix(VALIDATION_SEED, index))
+        noise = torch.randn(x0.shape, generator=gen).to(engine.device)
+        xt = schedule.q_sample(x0, t, noise)
+        out = engine(xt.to(engine.dtype), t, batch["labels"].to(engine.device))
+        for name, value in loss(out.float(), x0, xt, t, noise).items():
+            totals[name] = totals.get(name, 0.0) + value.sum().item()
+        count += b
+    if count == 0:
+        raise UserError(f"the validation shards {shards} of {data} hold no samples")
+    parts = {f"val_{k}": v / count for k, v in totals.items()}
+    parts["val_loss"] = sum(parts.values())
+    return parts
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    init_process_group()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    run = RunDir(Path(cfg.out))
+    manifest = read_manifest(cfg.data)
+    latest = run.latest() if resume else None
+    if resume and latest is None:
+        raise UserError(f"--resume {run.root}: no complete checkpoint in {run.checkpoints}; start a new run instead")
+    if not resume and run.latest() is not None:
+        raise UserError(f"{run.root} already holds a run; pass --resume {run.root} to continue it, "
+                        "or choose another --out")
+
+    init_weights_dir = init_ema_dir = None
+    if resume:
+        check_same_autoencoder(_read_json(run.data_manifest), manifest, run.root)
+        model_cfg = read_model_config(run.checkpoints / latest[0] / "ema")
+    else:
+        if cfg.init_from:
+            init_weights_dir, init_ema_dir = resolve_init_source(cfg.init_from)
+            check_same_autoencoder(_read_json(init_ema_dir / "data_manifest.json"), manifest, init_ema_dir)
+        model_cfg = build_model_config(cfg, manifest, init_weights_dir)
+    check_data_matches_model(manifest, model_cfg)
+    train_shards, val_shards = split_shards(manifest, cfg.val_shards)
+
+    torch.manual_seed(cfg.seed)  # weight init: identical on every rank
+    model = DiffusionTransformer(model_cfg)
+    if init_weights_dir is not None:
+        model.load_state_dict(read_weights(init_weights_dir))
+    schedule_cfg = ScheduleConfig(**{**cfg.diffusion, "learn_sigma": model_cfg.learn_sigma})
+    schedule = NoiseSchedule(schedule_cfg)
+    try:
+        objective = make_objective(model_cfg.family, schedule, num_classes=model_cfg.num_classes,
+                                   grid_size=model_cfg.grid_size, patch_size=model_cfg.patch_size,
+                                   learn_sigma=model_cfg.learn_sigma, **cfg.objective)
+    except TypeError as err:
+        raise UserError(f"objective settings {cfg.objective} do not fit the {model_cfg.family} objective: {err}") from err
+    base_mask_ratio = getattr(objective, "mask_ratio", 0.0)
+    if cfg.mask_schedule != "none" and not hasattr(objective, "mask_ratio"):
+        raise UserError(f"--mask-schedule {cfg.mask_schedule} needs a masked model; {model_cfg.name} has no mask")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay, fused=torch.cuda.is_available())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr / cfg.lr))
+    ds_config = resolve_deepspeed_config(cfg.deepspeed_config, micro_batch=cfg.micro_batch,
+                                         grad_accum=cfg.grad_accum, world_size=world, grad_clip=cfg.grad_clip,
+                                         precision=cfg.precision)
+    engine = Engine(model, optimizer, scheduler, ds_config)
+
+    ema = EMA(engine.full_fp32_params(), cfg.ema_decay)
+    start_step = 0
+    if resume:
+        client_state = engine.load(run.checkpoints, latest[0])
+        start_step = int(client_state["step"])
+        ema.load_state_dict(read_weights(run.checkpoints / latest[0] / "ema"))
+    elif init_ema_dir is not None:
+        ema.load_state_dict(read_weights(init_ema_dir))
+
+    data_manifest = _read_json(manifest.root / "manifest.json")
+    if distributed.is_main():
+        run.root.mkdir(parents=True, exist_ok=True)
+        cfg.save(run.config)
+        write_json(run.data_manifest, data_manifest)
+    global_batch = cfg.micro_batch * cfg.grad_accum * world
+    distributed.print0(
+        f"mdt train: {model_cfg.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on "
+        f"{manifest.root} [{len(train_shards)} train / {len(val_shards)} val shards], world size {world}, "
+        f"global batch {global_batch} = micro {cfg.micro_batch} x accum {cfg.grad_accum} x {world} ranks, "
+        f"ZeRO-{engine.zero_stage}, {'bf16' if engine.dtype == torch.bfloat16 else 'fp32'}, "
+        f"steps {start_step} -> {cfg.steps}")
+
+    def save(step: int) -> None:
+        tag = tag_for(step)
+        engine.save(run.checkpoints, tag, {"step": step})
+        weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
+        if distributed.is_main():
+            folder = run.checkpoints / tag
+            diffusion = schedule_cfg.to_dict()
+            write_export(folder / "ema", model, ema.state_dict(), diffusion, data_manifest)
+            write_export(folder / "weights", model, weights, diffusion, data_manifest)
+            run.mark_latest(tag, step)
+            replace_folder(folder / "ema", run.ema)
+            run.prune(cfg.keep_last)
+        distributed.barrier()
+
+    log = MetricsLog(run.metrics, resume_step=start_step if resume else None,
+                     tensorboard_dir=run.root / "tensorboard" if cfg.tensorboard else None)
+    loader = iter(LatentLoader(cfg.data, cfg.micro_batch, seed=cfg.seed, num_workers=cfg.num_workers,
+                               start_batch=start_step * cfg.grad_accum, shards=train_shards))
+    stop = StopRequest()
+    tokens_per_image = model_cfg.num_tokens
+    window: dict[str, float] = {}
+    window_steps, window_time = 0, 0.0
+    wall_start = time.perf_counter()
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not distributed.is_main(), desc="train", unit="step",
+               dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            if hasattr(objective, "mask_ratio"):
+                objective.mask_ratio = unmask_ratio(cfg.mask_schedule, base_mask_ratio, step / cfg.steps)
+            step_start = time.perf_counter()
+            step_parts: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = next(loader)
+                gen = torch.Generator(device=engine.device).manual_seed(_mix(cfg.seed, step, micro, rank))
+                out = objective(engine, batch["latents"].to(engine.device), batch["labels"].to(engine.device), gen)
+                engine.backward_and_step(out.loss)  # DeepSpeed divides by grad_accum itself
+                step_parts["loss"] = step_parts.get("loss", 0.0) + out.loss.item() / cfg.grad_accum
+                for name, value in out.parts.items():
+                    step_parts[name] = step_parts.get(name, 0.0) + value.item() / cfg.grad_accum
+            ema.update(engine.full_fp32_params())
+            step += 1
+            step_time = time.perf_counter() - step_start
+
+            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signal_name is not None)],
+                                 device=engine.device)
+            if distributed.is_initialized():
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            if flags[0] > 0:
+                raise TrainingError(f"the loss became non-finite at step {step} (on at least one rank); the last good "
+                                    f"checkpoint is kept in {run.checkpoints}; lower --lr or check the data")
+
+            for name, value in step_parts.items():
+                window[name] = window.get(name, 0.0) + value
+            window_steps += 1
+            window_time += step_time
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                images_per_s = global_batch * window_steps / window_time
+                record = {"step": step, **{k: v / window_steps for k, v in window.items()}, "lr": engine.lr(),
+                          "grad_norm": engine.grad_norm(), "images_per_s": images_per_s,
+                          "tokens_per_s": images_per_s * tokens_per_image, "step_time_s": window_time / window_steps,
+                          "peak_memory_gb": peak_memory_gb(engine.device),
+                          "wall_time_s": time.perf_counter() - wall_start}
+                if hasattr(objective, "mask_ratio"):
+                    record["mask_ratio"] = objective.mask_ratio
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+                window, window_steps, window_time = {}, 0, 0.0
+            bar.update(1)
+
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                val = validation_loss(engine, objective.denoising_loss, schedule, cfg.data, val_shards,
+                                      cfg.micro_batch, cfg.val_batches)
+                log.write({"step": step, **val, "wall_time_s": time.perf_counter() - wall_start})
+            if flags[1] > 0:
+                save(step)
+                distributed.print0(f"mdt train: stopped by {stop.signal_name or 'a signal on another rank'} at step "
+                                   f"{step}; checkpoint saved, resume with --resume {run.root}")
+                return TrainResult(step, stop.signal_name or "signal")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save(step)
+    finally:
+        bar.close()
+        log.close()
+        stop.restore()
+    if distributed.is_main():
+        write_json(run.root / "metrics.json", summarize(run.metrics, global_batch, time.perf_counter() - wall_start))
+    distributed.print0(f"mdt train: done at step {step}; EMA weights in {run.ema}")
+    return TrainResult(step, None)
+
+
+def summarize(metrics_path: Path, global_batch: int, seconds: float) -> dict:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if "loss" in r]
+    val_records = [r for r in records if "val_loss" in r]
+    summary = {"global_batch": global_batch, "wall_time_s": seconds}
+    if train_records:
+        last = train_records[-1]
+        summary.update(final_step=last["step"], final_loss=last["loss"],
+                       mean_images_per_s=sum(r["images_per_s"] for r in train_records) / len(train_records))
+    if val_records:
+        summary.update(final_val_loss=val_records[-1]["val_loss"],
+                       best_val_loss=min(r["val_loss"] for r in val_records))
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; the folder is not a complete mdt run or export")
+    return json.loads(path.read_text())
+
+
+def load_run_config(run: Path) -> dict:
+    path = RunDir(run).config
+    if not path.is_file():
+        raise UserError(f"--resume {run}: {path} does not exist; is this a run folder written by mdt train?")
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny AutoencoderKL on disk, the ImageNet sample, and image trees the tests write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import REPO_ROOT, write_image_tree
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny AutoencoderKL (64 px -> 4x8x8) saved with save_pretrained, as the SD-VAE would be."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    folder = tmp_path_factory.mktemp("tiny-vae")
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    """The 800-image ImageNet sample beside the repository (CI clones with ../shared next to it)."""
+    path = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+    if not path.is_dir():
+        pytest.skip(f"ImageNet sample not found at {path}")
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def session_image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_tree(tmp_path_factory.mktemp("images-session") / "images")
+
+
+@pytest.fixture(scope="session")
+def encoded_flip(
+    tmp_path_factory: pytest.TempPathFactory, session_image_tree: Path, tiny_vae_dir: Path
+) -> Path:
+    """The session image tree encoded at 64 px with --flip through the tiny VAE, 3 images per shard."""
+    from mdt.data.encode import EncodeConfig, encode_dataset
+
+    out = tmp_path_factory.mktemp("latents-flip") / "out"
+    encode_dataset(
+        EncodeConfig(
+            input=str(session_image_tree),
+            output=str(out),
+            resolution=64,
+            vae=str(tiny_vae_dir),
+            shard_size=3,
+            flip=True,
+            batch_size=4,
+            workers=0,
+            progress=False,
+        )
+    )
+    return out

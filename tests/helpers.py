@@ -1,0 +1,79 @@
+"""Helpers the tests share: synthetic image trees and running the CLI in a fresh process."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_image(rng: np.random.Generator, size: tuple[int, int], mode: str) -> Image.Image:
+    """A noisy image of `size` (w, h) in PIL `mode`."""
+    w, h = size
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))  # mode I;16
+    if mode == "P":
+        return rgb.quantize(16)
+    return rgb.convert(mode)
+
+
+def encoded_bytes(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+# (class folder, file name, (w, h), mode, format): varied sizes (smaller and larger than 64 px,
+# portrait and landscape), modes and formats.
+GOOD_IMAGES = [
+    ("cat", "a.jpg", (96, 80), "RGB", "JPEG"),
+    ("cat", "b.png", (300, 140), "RGBA", "PNG"),
+    ("cat", "c.JPEG", (40, 50), "L", "JPEG"),
+    ("cat", "d.webp", (130, 260), "RGB", "WEBP"),
+    ("dog", "e.png", (64, 64), "P", "PNG"),
+    ("dog", "f.jpg", (200, 120), "CMYK", "JPEG"),
+    ("dog", "g.png", (70, 90), "I;16", "PNG"),
+    ("dog", "h.png", (128, 70), "LA", "PNG"),
+    ("eel", "i.jpg", (257, 129), "RGB", "JPEG"),
+    ("eel", "j.jpg", (65, 300), "RGB", "JPEG"),
+]
+BAD_FILES = ["cat/truncated.jpg", "dog/empty.JPEG", "eel/text.JPEG", "eel/dangling.jpg"]
+
+
+def write_image_tree(root: Path, seed: int = 0) -> Path:
+    """An ImageFolder tree with the GOOD_IMAGES and the BAD_FILES (truncated JPEG, zero bytes,
+    text named .JPEG, a dangling link that cannot be opened) plus a non-image file to ignore."""
+    rng = np.random.default_rng(seed)
+    for class_name, name, size, mode, fmt in GOOD_IMAGES:
+        (root / class_name).mkdir(parents=True, exist_ok=True)
+        (root / class_name / name).write_bytes(encoded_bytes(random_image(rng, size, mode), fmt))
+    jpeg = encoded_bytes(random_image(rng, (120, 100), "RGB"), "JPEG")
+    (root / "cat" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "dog" / "empty.JPEG").write_bytes(b"")
+    (root / "eel" / "text.JPEG").write_text("this is not an image\n")
+    os.symlink(root / "nowhere.jpg", root / "eel" / "dangling.jpg")
+    (root / "eel" / "notes.txt").write_text("not an input\n")
+    return root
+
+
+def run_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m mdt.cli ARGS` in a fresh process with this checkout on the path."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mdt.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO_ROOT,
+    )

@@ -1,0 +1,168 @@
+"""The training reader and the validation iterator: form, round trip, splitting, exact resume."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import encoded_bytes, random_image
+
+from mdt.data.encode import EncodeConfig, encode_dataset
+from mdt.data.manifest import read_manifest
+from mdt.data.reader import LatentLoader, iter_validation_batches, sample_latents
+from mdt.errors import UserError
+
+UNIQUE_IMAGES = 12
+
+
+@pytest.fixture(scope="module")
+def unique_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 images, each its own class (so a label names a sample), as pixels, 4 even shards of 3."""
+    root = tmp_path_factory.mktemp("unique")
+    rng = np.random.default_rng(3)
+    for i in range(UNIQUE_IMAGES):
+        (root / "images" / f"class{i:02d}").mkdir(parents=True)
+        image = random_image(rng, (20, 16), "RGB")
+        (root / "images" / f"class{i:02d}" / "x.png").write_bytes(encoded_bytes(image, "PNG"))
+    out = root / "out"
+    encode_dataset(EncodeConfig(str(root / "images"), str(out), resolution=8, vae="pixel", shard_size=3,
+                                workers=0, progress=False))  # fmt: skip
+    return out
+
+
+def take(loader: LatentLoader, n: int) -> list[dict[str, torch.Tensor]]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_batches_have_the_promised_form(encoded_flip: Path) -> None:
+    loader = LatentLoader(encoded_flip, 4, seed=0, num_workers=0)
+    batch = next(iter(loader))
+    assert batch["latents"].shape == (4, 4, 8, 8) and batch["latents"].dtype == torch.float32
+    assert batch["labels"].shape == (4,) and batch["labels"].dtype == torch.int64
+    assert ((batch["labels"] >= 0) & (batch["labels"] < 3)).all()
+    assert (loader.latent_shape, loader.num_classes, loader.batches_per_epoch) == ((4, 8, 8), 3, 2)
+
+
+def test_sample_latents_draws_posterior_samples_of_a_random_view(encoded_flip: Path) -> None:
+    manifest = read_manifest(encoded_flip)
+    moments = torch.zeros(4000, 2, 2, 4, 8, 8)
+    moments[:, 1, 0] = 100.0  # the flipped view's mean, far from the original's
+    moments[:, :, 1] = 2.0  # std
+    z = sample_latents(moments, manifest, torch.Generator().manual_seed(0)) / manifest.scaling_factor
+    flipped = z.mean(dim=(1, 2, 3)) > 50
+    assert 0.45 < flipped.float().mean() < 0.55
+    residual = torch.where(flipped[:, None, None, None], z - 100.0, z) / 2.0
+    assert abs(residual.mean().item()) < 0.01 and abs(residual.std().item() - 1) < 0.01
+    # Validation: the original view only.
+    z0 = sample_latents(moments, manifest, torch.Generator().manual_seed(0), random_view=False)
+    assert (z0.abs() / manifest.scaling_factor < 20).all()
+
+
+def test_round_trip_returns_each_stored_sample_once_per_epoch(unique_labels: Path) -> None:
+    stored = {}
+    for batch in iter_validation_batches(unique_labels, 5):
+        for latent, label in zip(batch["latents"], batch["labels"], strict=True):
+            stored[int(label)] = latent
+    assert sorted(stored) == list(range(UNIQUE_IMAGES))
+    loader = LatentLoader(unique_labels, 3, seed=7, num_workers=0)
+    epoch = take(loader, loader.batches_per_epoch)
+    labels = torch.cat([b["labels"] for b in epoch]).tolist()
+    assert sorted(labels) == list(range(UNIQUE_IMAGES)) and labels != sorted(labels)  # all, shuffled
+    for batch in epoch:  # pixel data: the latent is the stored crop itself
+        for latent, label in zip(batch["latents"], batch["labels"], strict=True):
+            assert torch.equal(latent, stored[int(label)])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_split_an_epoch_without_duplicates(unique_labels: Path, workers: int) -> None:
+    seen = []
+    for rank in range(2):
+        loader = LatentLoader(unique_labels, 3, seed=1, rank=rank, world_size=2, num_workers=workers)
+        assert loader.batches_per_epoch == 2
+        seen += torch.cat([b["labels"] for b in take(loader, 2)]).tolist()
+    assert sorted(seen) == list(range(UNIQUE_IMAGES))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_batch_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
+    def run(start: int, n: int) -> list[dict[str, torch.Tensor]]:
+        loader = LatentLoader(
+            encoded_flip, 3, seed=5, num_workers=workers, shuffle_buffer=4, start_batch=start
+        )
+        return take(loader, n)
+
+    full = run(0, 9)  # 3 batches per epoch: crosses two epoch boundaries
+    for start in (1, 3, 5):
+        resumed = run(start, 9 - start)
+        for a, b in zip(full[start:], resumed, strict=True):
+            assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
+    assert not torch.equal(full[0]["latents"], full[3]["latents"])
+    other_seed = take(LatentLoader(encoded_flip, 3, seed=6, num_workers=workers, shuffle_buffer=4), 1)[0]
+    assert not torch.equal(other_seed["latents"], full[0]["latents"])
+
+
+def test_uneven_shards_never_starve_a_rank(encoded_flip: Path) -> None:
+    counts = [s.count for s in read_manifest(encoded_flip).shards]
+    assert len(set(counts)) > 1  # the fixture's shards are uneven
+    for rank in range(3):
+        loader = LatentLoader(encoded_flip, 2, seed=0, rank=rank, world_size=3, num_workers=0)
+        batches = take(loader, 4 * loader.batches_per_epoch)
+        assert len(batches) == 4 * loader.batches_per_epoch
+        assert all(b["latents"].shape[0] == 2 for b in batches)
+
+
+def test_shards_argument_restricts_the_data(encoded_flip: Path) -> None:
+    loader = LatentLoader(encoded_flip, 2, seed=0, num_workers=0, shards=["shard-000000.tar"])
+    labels = torch.cat([b["labels"] for b in take(loader, 6)])
+    assert set(labels.tolist()) == {0}  # the first shard holds cat images only
+    with pytest.raises(UserError, match="shard-999999.tar"):
+        LatentLoader(encoded_flip, 2, seed=0, shards=["shard-999999.tar"])
+
+
+def test_reader_mistakes_are_user_errors(encoded_flip: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="mdt encode"):
+        LatentLoader(tmp_path, 2, seed=0)
+    with pytest.raises(UserError, match="batch"):
+        LatentLoader(encoded_flip, 64, seed=0)
+
+
+def test_validation_batches_are_deterministic_and_finite(encoded_flip: Path) -> None:
+    first = list(iter_validation_batches(encoded_flip, 4, seed=3))
+    second = list(iter_validation_batches(encoded_flip, 4, seed=3))
+    assert [len(b["labels"]) for b in first] == [4, 4, 2]
+    keys = [k for b in first for k in b["keys"]]
+    assert keys == sorted(keys)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a["latents"], b["latents"]) and a["keys"] == b["keys"]
+    reseeded = next(iter_validation_batches(encoded_flip, 4, seed=4))
+    assert not torch.equal(reseeded["latents"], first[0]["latents"])
+    subset = list(iter_validation_batches(encoded_flip, 100, shards=["shard-000001.tar"]))
+    assert len(subset) == 1 and len(subset[0]["keys"]) == read_manifest(encoded_flip).shards[1].count
+
+
+def test_fields_we_did_not_write_are_never_decoded(encoded_flip: Path, tmp_path: Path) -> None:
+    """A pickle member in a shard is skipped, not unpickled (it would fail to import if it were)."""
+    data = tmp_path / "data"
+    shutil.copytree(encoded_flip, data)
+    shard = data / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    evil = b"cno_such_module_mdt_test\nboom\n."  # pickle protocol 0: GLOBAL of a missing module
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            tar.addfile(member, io.BytesIO(payload))
+            if member.name.endswith(".json"):
+                key = member.name.split(".")[0]
+                for ext in ("pyd", "pth"):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(evil)
+                    tar.addfile(info, io.BytesIO(evil))
+    loader = LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"])
+    assert len(take(loader, 3)) == 3
+    assert sum(len(b["keys"]) for b in iter_validation_batches(data, 2, shards=["shard-000000.tar"])) == 3

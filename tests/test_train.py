@@ -1,0 +1,222 @@
+"""The trainer end to end through the CLI: one process and torchrun (2 processes, gloo) on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO_ROOT, run_cli
+from PIL import Image
+from safetensors.torch import load_file
+
+from mdt.errors import UserError
+from mdt.models import load_pretrained
+from mdt.train.config import resolve_config
+from mdt.train.ema import EMA
+from mdt.train.engine import resolve_deepspeed_config
+from mdt.train.schedules import lr_multiplier, unmask_ratio
+
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def pixel_latents(tmp_path_factory) -> Path:
+    """4 classes x 8 images of 16 px, encoded in pixel space at 8 px (3x8x8), 8 per shard."""
+    from mdt.data.encode import EncodeConfig, encode_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        folder = root / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            base = np.zeros((16, 16, 3), np.int64)
+            base[..., c % 3] = 60 + 60 * c
+            pixels = np.clip(base + rng.integers(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    encode_dataset(EncodeConfig(input=str(root / "images"), output=str(root / "latents"), resolution=8,
+                                vae="pixel", shard_size=8, workers=0, progress=False))
+    return root / "latents"
+
+
+def train_args(data: Path, out: Path, model: str, steps: int, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--model", model, "--out", str(out), "--steps", str(steps),
+            "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--num-workers", "0",
+            "--set", "ema_decay=0.9", *extra]
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mdt.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **ENV})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage, model", [(1, "DiT-T/2"), (2, "MDTv2-T/2"), (3, "MaskDiT-T/2")])
+def test_zero_stages_train_each_objective_on_two_ranks(pixel_latents, tmp_path, stage, model):
+    run = tmp_path / "run"
+    result = torchrun(*train_args(pixel_latents, run, model, 40, "--deepspeed-config",
+                                  f"deepspeed_configs/zero{stage}.json", "--val-every", "20", "--val-shards", "1",
+                                  "--ckpt-every", "20"))
+    assert_ok(result)
+    assert f"ZeRO-{stage}" in result.stdout and "global batch 8 = micro 4 x accum 1 x 2 ranks" in result.stdout
+    losses = list(train_losses(run).values())
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
+    vals = [r for r in metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in vals] == [20, 40]
+    model_out = load_pretrained(run / "ema")
+    x = torch.randn(2, 3, 8, 8)
+    assert model_out(x, torch.tensor([1, 500]), torch.tensor([0, 4])).shape == (2, 6, 8, 8)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000040"]
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["final_step"] == 40 and "best_val_loss" in summary
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pixel_latents, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--deepspeed-config", "deepspeed_configs/zero2.json", "--ckpt-every", "100")
+    assert_ok(torchrun(*train_args(pixel_latents, straight, "MDT-T/2", 12, *common)))
+    assert_ok(torchrun(*train_args(pixel_latents, split, "MDT-T/2", 6, *common)))
+    assert_ok(torchrun("train", "--resume", str(split), "--steps", "12"))
+    assert train_losses(split) == train_losses(straight)
+    a, b = load_file(str(straight / "ema" / "model.safetensors")), load_file(str(split / "ema" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_matches_a_hand_computed_average_under_zero3(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    assert_ok(torchrun(*train_args(pixel_latents, run, "DiT-T/2", 4, "--deepspeed-config",
+                                   "deepspeed_configs/zero3.json", "--ckpt-every", "1", "--set", "keep_last=10")))
+    steps = [run / "checkpoints" / f"step_{s:08d}" for s in range(1, 5)]
+    reference = load_file(str(steps[0] / "ema" / "model.safetensors"))
+    for folder in steps[1:]:
+        weights = load_file(str(folder / "weights" / "model.safetensors"))
+        reference = {k: 0.9 * reference[k] + 0.1 * weights[k] for k in reference}
+    final = load_file(str(steps[-1] / "ema" / "model.safetensors"))
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-6, atol=1e-7)
+    first_weights = load_file(str(steps[0] / "weights" / "model.safetensors"))
+    assert any(not torch.equal(first_weights[k], final[k]) for k in final)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mdt.cli", *train_args(pixel_latents, run, "DiT-T/2", 100000, "--ckpt-every", "100000")]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **ENV})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    latest = json.loads((run / "checkpoints" / "LATEST.json").read_text())
+    assert 5 <= latest["step"] < 100000
+    result = run_cli("train", "--resume", str(run), "--steps", str(latest["step"] + 3), env=ENV, timeout=200)
+    assert_ok(result)
+    assert max(train_losses(run)) == latest["step"] + 3
+    assert json.loads((run / "checkpoints" / "LATEST.json").read_text())["step"] == latest["step"] + 3
+
+
+def test_unmask_tuning_from_a_masked_run(pixel_latents, tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert_ok(run_cli(*train_args(pixel_latents, base, "MaskDiT-T/2", 3), env=ENV, timeout=200))
+    result = run_cli(*train_args(pixel_latents, tuned, "MaskDiT-T/2", 8, "--init-from", str(base),
+                                 "--mask-schedule", "cosine"), env=ENV, timeout=200)
+    assert_ok(result)
+    ratios = [r["mask_ratio"] for r in metrics(tuned) if "mask_ratio" in r]
+    expected = [unmask_ratio("cosine", 0.5, s / 8) for s in range(8)]
+    assert ratios == pytest.approx(expected)
+    assert ratios[0] > 0.4 and ratios[-1] < 0.01 and all(a >= b for a, b in zip(ratios, ratios[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--set", "model_options.input_size=16"), "expects 3x16x16 latents but .* holds 3x8x8"),
+        (("--set", "model_options.num_classes=10"), "has 10 classes but .* has 4"),
+        (("--val-every", "5"), "val_every needs held-out data"),
+        (("--model", "MDTv3-T/2"), "unknown model 'MDTv3-T/2'"),
+        (("--set", "objective.mask_ratio=0.4"), "objective settings .* do not fit the dit objective"),
+    ],
+)
+def test_user_mistakes_stop_before_training_with_one_sentence(pixel_latents, tmp_path, extra, message):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2), *extra, env=ENV, timeout=200)
+    assert result.returncode == 2, result.stderr[-2000:]
+    import re
+
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert not (run / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 30, "--ckpt-every", "1", "--set", "lr=1e30",
+                                 "--set", "grad_clip=0"), env=ENV, timeout=200)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "non-finite at step" in result.stderr
+    step = int(result.stderr.split("non-finite at step ")[1].split()[0])
+    latest = json.loads((run / "checkpoints" / "LATEST.json").read_text())
+    assert latest["step"] == step - 1
+
+
+def test_ema_update_is_the_textbook_average():
+    ema = EMA({"w": torch.tensor([1.0, 2.0])}, decay=0.75)
+    ema.update({"w": torch.tensor([5.0, 6.0])})
+    ema.update({"w": torch.tensor([9.0, 2.0])})
+    first = 0.75 * torch.tensor([1.0, 2.0]) + 0.25 * torch.tensor([5.0, 6.0])
+    torch.testing.assert_close(ema.state_dict()["w"], 0.75 * first + 0.25 * torch.tensor([9.0, 2.0]))
+
+
+def test_schedules():
+    warm = lr_multiplier("cosine", 10, 110, 0.1)
+    assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0)
+    assert warm(10) == pytest.approx(1.0) and warm(110) == pytest.approx(0.1) and warm(60) == pytest.approx(0.55)
+    assert lr_multiplier("constant", 0, 100, 0.0)(50) == 1.0
+    assert unmask_ratio("zero", 0.5, 0.3) == 0.0 and unmask_ratio("none", 0.5, 0.3) == 0.5
+    assert unmask_ratio("cosine", 0.5, 0.0) == 0.5 and unmask_ratio("cosine", 0.5, 1.0) == pytest.approx(0.0)
+
+
+def test_deepspeed_config_auto_values_and_conflicts(tmp_path):
+    cfg = resolve_deepspeed_config("deepspeed_configs/zero3.json", micro_batch=8, grad_accum=2, world_size=4,
+                                   grad_clip=1.0, precision="fp32")
+    assert (cfg["train_batch_size"], cfg["bf16"]["enabled"], cfg["zero_optimization"]["stage"]) == (64, False, 3)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(UserError, match="sets train_micro_batch_size_per_gpu=16 but the run asks for 8"):
+        resolve_deepspeed_config(path, micro_batch=8, grad_accum=1, world_size=1, grad_clip=1.0, precision="fp32")
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(UserError, match="has a 'optimizer' section"):
+        resolve_deepspeed_config(path, micro_batch=8, grad_accum=1, world_size=1, grad_clip=1.0, precision="fp32")
+
+
+def test_recipe_then_flags_override(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  data: /d\n  out: /o\n  lr: 1.0e-4\n  objective:\n    mask_ratio: 0.4\n")
+    cfg = resolve_config(recipe, {"lr": "3e-4", "objective.mae_weight": "0.2"})
+    assert (cfg.lr, cfg.objective) == (3e-4, {"mask_ratio": 0.4, "mae_weight": 0.2})
+    recipe.write_text("train:\n  data: /d\n  out: /o\n  learning_rate: 1\n")
+    with pytest.raises(UserError, match="unknown training setting 'learning_rate'"):
+        resolve_config(recipe, {})

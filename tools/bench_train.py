@@ -1,0 +1,99 @@
+"""Images/s of a whole training step (forward, backward, optimizer, EMA) per model family.
+
+Runs the real pieces: the family's objective, the DeepSpeed engine (ZeRO stage from the config,
+bf16 where asked), AdamW and the fp32 EMA, in one process. Prints JSON lines: the matmul peak, one
+line per model (images/s, step seconds, FLOPs per image, achieved FLOP/s, fraction of the peak,
+peak memory), and the ratios the targets are stated in.
+
+    python tools/bench_train.py                                     # CPU, S/2, batch 8, fp32
+    python tools/bench_train.py --device cuda --precision bf16 --size XL --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmark_utils import count_flops, emit, machine, matmul_peak, time_call
+from mdt.diffusion import NoiseSchedule, make_objective
+from mdt.models import create_model
+from mdt.train.ema import EMA
+from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
+
+FAMILIES = ("DiT", "MDTv2", "MaskDiT")
+
+
+def make_step(name: str, args, device: torch.device):
+    torch.manual_seed(0)
+    model = create_model(name)
+    cfg = model.config
+    objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
+                               patch_size=cfg.patch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,
+                                         grad_clip=1.0, precision=args.precision)
+    engine = Engine(model, optimizer, scheduler, ds_config)
+    ema = EMA(engine.full_fp32_params(), 0.9999)
+    gen = torch.Generator(device=engine.device).manual_seed(0)
+    x0 = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=engine.device)
+    y = torch.randint(0, cfg.num_classes, (args.batch,), device=engine.device)
+
+    def loss_and_backward():
+        engine.engine.backward(objective(engine, x0, y, gen).loss)
+
+    def step():
+        engine.backward_and_step(objective(engine, x0, y, gen).loss)
+        ema.update(engine.full_fp32_params())
+
+    return engine, step, loss_and_backward, cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--size", default="S")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--deepspeed-config", default="deepspeed_configs/zero2.json")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.cuda.is_available = lambda: False  # keep DeepSpeed and the engine on the CPU path
+    init_process_group()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_peak(device, dtype)
+    emit({"figure": "matmul_peak", "device": device.type, "dtype": args.precision, "tflops": round(peak / 1e12, 4),
+          **machine()})
+    results = {}
+    for family in FAMILIES:
+        name = f"{family}-{args.size}/2"
+        engine, step, loss_and_backward, cfg = make_step(name, args, device)
+        flops = count_flops(loss_and_backward) / args.batch  # forward + backward; the optimizer is negligible
+        engine.engine.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
+        memory = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+        results[family] = (seconds, flops)
+        emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.precision,
+              "zero_stage": engine.zero_stage, "device": device.type, "seconds_per_step": round(seconds, 4),
+              "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
+              "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
+              "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
+              "peak_memory_gb": None if memory is None else round(memory, 2)})
+        del engine, step, loss_and_backward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dit, mdtv2, maskdit = (results[f] for f in FAMILIES)
+    emit({"figure": "maskdit_over_dit_images_per_s", "size": args.size, "ratio": round(dit[0] / maskdit[0], 3)})
+    # MDTv2 runs two passes; its step should cost what its FLOPs say relative to DiT's.
+    emit({"figure": "mdtv2_over_dit", "size": args.size, "time_ratio": round(mdtv2[0] / dit[0], 3),
+          "flop_ratio": round(mdtv2[1] / dit[1], 3)})
+
+
+if __name__ == "__main__":
+    main()
