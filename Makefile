@@ -55,7 +55,6 @@ encode-latents: setup ## encode DATA (image folder or tars) to latent shards in 
 	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "error: pass DATA=<image folder or tar shards> OUT=<output folder>" >&2; exit 2; }
 	$(LAUNCH) encode $(ENCODE_ARGS)
 
-.PHONY: help setup test lint encode-latents train bench-model bench-train
 
 # Training: a recipe (PIPELINE=pipelines/x.yaml) and/or flags; flags win. RESUME=RUN continues a run.
 train: setup ## train with DeepSpeed: PIPELINE= or DATA= MODEL= OUT=, [DS_CONFIG= STEPS= RESUME= NPROC= NODES= HOSTFILE=]
@@ -69,3 +68,18 @@ bench-model: setup ## forward+backward throughput of every family (tools/bench_m
 bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
 	$(PY) tools/bench_train.py $(BENCH_ARGS)
 
+# Sampling and FID: make sample CKPT=runs/xl OUT=samples/xl [N= CFG= SAMPLER= STEPS= NPROC=];
+# STEPS empty uses the sampler's default (250 ddpm, 50 ddim, 25 dpm++).
+N ?= 50000
+CFG ?= 1.5
+SAMPLER ?= ddpm
+sample: setup ## sample N images from CKPT into OUT (CFG, SAMPLER, STEPS; NPROC>1 uses torchrun)
+	$(LAUNCH) sample --ckpt $(or $(CKPT),$(error set CKPT=run or export folder)) \
+		--out $(or $(OUT),$(error set OUT=output folder)) --num-samples $(N) --cfg-scale $(CFG) \
+		--sampler $(SAMPLER) $(if $(STEPS),--steps $(STEPS)) $(SAMPLE_ARGS)
+
+fid: setup ## FID/KID of the samples in OUT against REF (stats .npz or image folder); writes OUT/metrics.json
+	$(PY) -m mdt.cli fid --samples $(or $(OUT),$(error set OUT=samples folder or npz)) \
+		--ref $(or $(REF),$(error set REF=stats .npz or image folder)) --num $(N) $(FID_ARGS)
+
+.PHONY: help setup test lint encode-latents train bench-model bench-train sample fid

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from mdt.distributed import print0
 from mdt.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -169,6 +170,85 @@ def data_info_command(data_dir: str = typer.Argument(..., help="A folder written
     from mdt.data.verify import dataset_info
 
     typer.echo(dataset_info(data_dir))
+
+
+@app.command("sample")
+def sample_command(
+    ckpt: Path = typer.Option(..., help="Training run folder (uses RUN/ema) or EMA export folder."),
+    out: Path = typer.Option(..., help="Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
+    num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
+    sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++."),
+    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++."),
+    cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale w; 1 disables guidance."),
+    cfg_schedule: str = typer.Option("constant", help="constant | power-cosine (MDT: w_t ramps from 1 to w)."),
+    cfg_power: float = typer.Option(4.0, help="Exponent s of the power-cosine schedule."),
+    cfg_channels: int | None = typer.Option(
+        None, help="Guide only the first N latent channels (3 reproduces DiT/MDT); default all."
+    ),
+    classes: str = typer.Option("random", help="random | balanced | comma list of class indices, e.g. 207,980."),
+    seed: int = typer.Option(0, help="Sample i depends only on (seed, i)."),
+    batch_size: int = typer.Option(32, help="Samples per forward pass on each process."),
+    vae: str | None = typer.Option(None, help="Override the VAE recorded in the checkpoint's data manifest."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 autocast for the model."),
+    device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
+) -> None:
+    """Sample images from a checkpoint, guided, on one or many processes (torchrun)."""
+    from mdt.sample.guidance import GuidanceConfig
+    from mdt.sample.run import SampleConfig, run_sampling
+
+    if cfg_schedule not in ("constant", "power-cosine"):
+        raise UserError(f"--cfg-schedule {cfg_schedule!r} is unknown; choose constant or power-cosine.")
+    guidance = GuidanceConfig(scale=cfg_scale, schedule=cfg_schedule, power=cfg_power, channels=cfg_channels)
+    result = run_sampling(
+        SampleConfig(
+            ckpt=ckpt, out=out, num_samples=num_samples, sampler=sampler, steps=steps, guidance=guidance,
+            classes=classes, seed=seed, batch_size=batch_size, vae=vae, precision=precision, device=device,
+        )
+    )
+    print0(
+        f"{result.num_samples} samples in {result.out} ({result.generated} new, "
+        f"{result.images_per_second:.2f} images/s)"
+    )
+
+
+@app.command("fid")
+def fid_command(
+    samples: Path = typer.Option(..., help="Folder of sample images or an ADM-style samples.npz."),
+    ref: Path = typer.Option(..., help="Reference statistics .npz (mdt fid-ref) or a folder of reference images."),
+    num: int | None = typer.Option(None, help="Use the first N samples; refuse if there are fewer. Default: all."),
+    out: Path | None = typer.Option(None, help="Where to write metrics.json; default beside the samples."),
+    inception: Path | None = typer.Option(None, help="Inception TorchScript; default clean-fid's cached copy."),
+    cache_dir: Path | None = typer.Option(None, help="Cache for statistics of reference folders."),
+    batch_size: int = typer.Option(64, help="Images per feature batch."),
+    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
+    device: str | None = typer.Option(None, help="Torch device for the feature network."),
+) -> None:
+    """FID and KID of samples against a reference, with clean-fid's "clean" features."""
+    from mdt.eval.fid import FeatureOptions, evaluate
+
+    opts = FeatureOptions(inception=inception, device=device, batch_size=batch_size, num_workers=workers)
+    metrics = evaluate(samples, ref, num=num, out=out, opts=opts, cache_dir=cache_dir)
+    kid = "n/a (reference has no features)" if metrics["kid"] is None else f"{metrics['kid']:.6f}"
+    typer.echo(f"FID {metrics['fid']:.4f}  KID {kid}  ({metrics['num_samples']} samples, {metrics['resolution']} px)")
+
+
+@app.command("fid-ref")
+def fid_ref_command(
+    images: Path = typer.Argument(..., help="Folder of reference images (searched recursively)."),
+    out: Path = typer.Option(..., help="Statistics file to write (.npz: mu, sigma, feats, meta)."),
+    resolution: int = typer.Option(256, help="ADM center crop size; use the resolution of the samples."),
+    num: int | None = typer.Option(None, help="Use the first N images (sorted); default all."),
+    inception: Path | None = typer.Option(None, help="Inception TorchScript; default clean-fid's cached copy."),
+    batch_size: int = typer.Option(64, help="Images per feature batch."),
+    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
+    device: str | None = typer.Option(None, help="Torch device for the feature network."),
+) -> None:
+    """Reference statistics of an image folder for `mdt fid --ref`."""
+    from mdt.eval.fid import FeatureOptions, make_reference
+
+    opts = FeatureOptions(inception=inception, device=device, batch_size=batch_size, num_workers=workers)
+    stats = make_reference(images, out, resolution, num=num, opts=opts)
+    typer.echo(f"wrote {out} ({stats.meta['num_images']} images, {resolution} px)")
 
 
 def main() -> None:

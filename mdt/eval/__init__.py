@@ -1,0 +1,1 @@
+"""Evaluation: Inception features with clean-fid, FID and KID against reference statistics."""

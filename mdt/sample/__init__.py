@@ -1,0 +1,1 @@
+"""Sampling: guidance, seeded noise, diffusers-based samplers, and the distributed sampling run."""

@@ -1,0 +1,228 @@
+"""A sampling run: checkpoint -> guided sampler -> VAE decode -> PNGs, npz, grid, config.
+
+Written as if for one process; the distributed part is only *which* indices a rank makes. Sample
+i is a function of (settings, i) alone, so any number of processes, any batch size, and any
+number of interruptions give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mdt import distributed as dist
+from mdt.errors import UserError
+from mdt.fileio import write_json
+from mdt.sample.checkpoint import Checkpoint, read_checkpoint
+from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
+from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
+from mdt.sample.samplers import SAMPLERS
+from mdt.sample.schedulers import SCHEDULERS
+from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes
+
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRID_SIZE = 64
+CONFIG_FILE = "sample_config.json"
+# Settings that change the pixels; a resumed run must agree on all of them.
+_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "guidance", "classes", "seed", "vae", "precision")
+
+
+@dataclass
+class SampleConfig:
+    ckpt: Path
+    out: Path
+    num_samples: int
+    sampler: str = "ddpm"
+    steps: int | None = None  # None: DEFAULT_STEPS[sampler]
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    classes: str = "random"
+    seed: int = 0
+    batch_size: int = 32
+    vae: str | None = None  # None: the VAE recorded in the checkpoint's data manifest
+    precision: str = "fp32"
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class SampleResult:
+    out: Path
+    num_samples: int
+    generated: int  # on all ranks, this run (resumed samples excluded)
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def _validate(config: SampleConfig, checkpoint: Checkpoint) -> int:
+    if config.sampler not in SAMPLERS:
+        raise UserError(f"--sampler {config.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+    steps = config.steps or DEFAULT_STEPS[config.sampler]
+    if not 1 <= steps <= checkpoint.diffusion.num_timesteps:
+        raise UserError(f"--steps {steps} is out of range; pick 1..{checkpoint.diffusion.num_timesteps}.")
+    if config.num_samples < 1:
+        raise UserError(f"--num-samples {config.num_samples} must be at least 1.")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size {config.batch_size} must be at least 1.")
+    if config.precision not in PRECISIONS:
+        raise UserError(f"--precision {config.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
+    g = config.guidance
+    if g.scale < 1.0:
+        raise UserError(f"--cfg-scale {g.scale} is below 1; use 1 for no guidance or a larger value to guide.")
+    c = checkpoint.latent_shape[0]
+    if g.channels is not None and not 1 <= g.channels <= c:
+        raise UserError(f"--cfg-channels {g.channels} is out of range; the latents have {c} channels.")
+    if g.enabled and checkpoint.num_classes < 1:
+        raise UserError("--cfg-scale needs a class-conditional model; this checkpoint has no classes, use 1.")
+    return steps
+
+
+def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torch.device) -> Any:
+    from mdt.vae import load_autoencoder
+
+    recorded = (checkpoint.manifest or {}).get("vae") or {}
+    spec = override or recorded.get("spec")
+    if spec is None:
+        raise UserError(
+            f"{checkpoint.export_dir} records no VAE (no data_manifest.json); pass --vae with the VAE the latents were encoded with."
+        )
+    vae = load_autoencoder(spec, device=device)
+    channels, size, _ = checkpoint.latent_shape
+    if vae.latent_channels != channels:
+        raise UserError(f"--vae {spec} makes {vae.latent_channels}-channel latents but the model takes {channels}; pass the VAE the data was encoded with.")
+    if "kind" in recorded and vae.kind != recorded["kind"]:
+        raise UserError(f"--vae {spec} is a {vae.kind} decoder but the latents were made by a {recorded['kind']} one; pass the VAE the data was encoded with.")
+    if "scaling_factor" in recorded and abs(vae.scaling_factor - float(recorded["scaling_factor"])) > 1e-6:
+        raise UserError(f"--vae {spec} has scaling factor {vae.scaling_factor} but the latents were scaled by {recorded['scaling_factor']}; pass the VAE the data was encoded with.")
+    resolution = (checkpoint.manifest or {}).get("resolution")
+    if resolution is not None and size * vae.downsample != int(resolution):
+        raise UserError(f"--vae {spec} decodes {size}x{size} latents to {size * vae.downsample} px but the data was {resolution} px; pass the VAE the data was encoded with.")
+    return vae
+
+
+def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_spec: str) -> dict[str, Any]:
+    scheduler = SCHEDULERS[config.sampler](checkpoint.diffusion, steps)
+    return {
+        "checkpoint": str(checkpoint.export_dir.resolve()),
+        "sampler": config.sampler,
+        "steps": steps,
+        "guidance": asdict(config.guidance),
+        "classes": config.classes,
+        "seed": config.seed,
+        "vae": vae_spec,
+        "precision": config.precision,
+        "batch_size": config.batch_size,
+        "num_samples": config.num_samples,
+        "model_config": checkpoint.model_config,
+        "diffusion": checkpoint.diffusion.to_dict(),
+        "scheduler": type(scheduler).__name__,
+        "timesteps": [int(t) for t in scheduler.timesteps],
+        "seeding": "sample i: torch CPU generators seeded by numpy SeedSequence(seed, spawn_key=(i, stream))",
+    }
+
+
+def _check_resumable(out: Path, record: dict[str, Any]) -> None:
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        if any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
+            raise UserError(f"--out {out} already holds sample PNGs from an unknown run; choose an empty folder.")
+        return
+    previous = json.loads(path.read_text())
+    changed = [k for k in _IDENTITY_KEYS if previous.get(k) != record[k]]
+    if changed:
+        raise UserError(
+            f"--out {out} holds samples made with different {', '.join(changed)}; use a new --out or the same settings to resume."
+        )
+    if previous.get("batch_size") != record["batch_size"]:
+        dist.print0(
+            f"note: resuming with --batch-size {record['batch_size']} (was {previous.get('batch_size')}); new images "
+            "may differ from an uninterrupted run in the last float bits, as forward shapes changed."
+        )
+
+
+def run_sampling(config: SampleConfig) -> SampleResult:
+    """Make samples 0..N-1 that are not yet in `config.out`, split over all ranks."""
+    dist.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(config.device) if config.device else dist.default_device()
+    checkpoint = read_checkpoint(config.ckpt)
+    steps = _validate(config, checkpoint)
+    classes = parse_classes(config.classes, checkpoint.num_classes)
+    vae = _load_autoencoder(checkpoint, config.vae, device)
+    record = _run_record(config, checkpoint, steps, vae.spec)
+
+    from mdt.models import load_pretrained
+
+    model = load_pretrained(checkpoint.export_dir, device=device)
+    denoiser = ClassifierFreeGuidance(
+        model,
+        config.guidance,
+        null_class=checkpoint.num_classes,
+        num_timesteps=checkpoint.diffusion.num_timesteps,
+        latent_channels=checkpoint.latent_shape[0],
+    )
+
+    out = config.out
+    _check_resumable(out, record)  # on every rank, so a refusal stops them all
+    dist.barrier()
+    if rank == 0:
+        write_json(out / CONFIG_FILE, record)
+    # Every rank lists before anyone writes a sample, so all agree on what is left to do.
+    pending = [i for i in range(config.num_samples) if not sample_path(out, i).is_file()]
+    dist.barrier()
+    mine = pending[rank::world]
+    sampler = SAMPLERS[config.sampler]
+    dtype = PRECISIONS[config.precision]
+
+    bar = tqdm(total=len(pending), unit="img", disable=not (config.progress and rank == 0), desc="sampling")
+    start = time.perf_counter()
+    for lo in range(0, len(mine), config.batch_size):
+        indices = mine[lo : lo + config.batch_size]
+        # Pad the last batch to full size: every forward pass then has the same shape, so no
+        # kernel picks a different reduction order and the split over ranks cannot change a bit.
+        pad = config.batch_size - len(indices)
+        generators = noise_generators(config.seed, indices) + noise_generators(config.seed, [0] * pad)
+        noise = initial_noise(generators, checkpoint.latent_shape).to(device)
+        label_list = class_labels(classes, config.seed, indices, checkpoint.num_classes)
+        labels = torch.tensor(label_list + label_list[:1] * pad, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            latents = sampler(
+                denoiser, noise, labels, diffusion=checkpoint.diffusion, steps=steps, generators=generators
+            )
+        with torch.no_grad():
+            images = to_uint8(vae.decode(latents[: len(indices)].float()))
+        for i, image in zip(indices, images, strict=True):
+            write_png(sample_path(out, i), image)
+        # Rank 0's bar counts every rank's work, assuming they keep pace.
+        bar.update(min(len(indices) * world, len(pending) - bar.n))
+    seconds = time.perf_counter() - start
+    bar.close()
+    generated = int(dist.all_reduce_sum(len(mine)))
+    dist.barrier()
+    if rank == 0:
+        _write_summaries(out, config, checkpoint, classes)
+        record["images_per_second"] = round(generated / seconds, 3) if generated and seconds > 0 else None
+        write_json(out / CONFIG_FILE, record)
+    dist.barrier()
+    return SampleResult(out=out, num_samples=config.num_samples, generated=generated, seconds=seconds)
+
+
+def _write_summaries(out: Path, config: SampleConfig, checkpoint: Checkpoint, classes: Any) -> None:
+    indices = list(range(config.num_samples))
+    labels = class_labels(classes, config.seed, indices, checkpoint.num_classes)
+    paths = [sample_path(out, i) for i in indices]
+    write_npz(out / "samples.npz", paths, labels)
+    names = checkpoint.class_names
+    shown = indices[:GRID_SIZE]
+    captions = [names[labels[i]] if names and labels[i] < len(names) else str(labels[i]) for i in shown]
+    write_grid(out / "grid.png", [read_png(paths[i]) for i in shown], captions)
+

@@ -1,0 +1,115 @@
+"""Builders for the sampling and FID tests: a tiny checkpoint export, a tiny VAE, a stand-in Inception."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdt.diffusion.schedule import ScheduleConfig
+from mdt.fileio import write_json
+from mdt.models import create_model, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+CLASS_NAMES = [f"class-{k}" for k in range(NUM_CLASSES)]
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights everywhere: the zero-initialised output layer would make every sample the same."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def save_tiny_vae(directory: Path) -> Path:
+    """A tiny AutoencoderKL (64 px -> 4x8x8) saved the way the real SD-VAE folder is laid out."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    vae.save_pretrained(directory)
+    return directory
+
+
+def make_export(
+    directory: Path,
+    *,
+    vae_spec: str,
+    model_name: str = "DiT-T/2",
+    latent_shape: tuple[int, int, int] = (4, 8, 8),
+    resolution: int = 64,
+    kind: str = "autoencoder-kl",
+    scaling_factor: float = 0.18215,
+    learn_sigma: bool = True,
+) -> Path:
+    """An EMA export folder as the trainer writes it: weights, model config, diffusion.json, manifest."""
+    c, h, _ = latent_shape
+    model = randomize(create_model(model_name, input_size=h, in_channels=c, num_classes=NUM_CLASSES,
+                                   learn_sigma=learn_sigma))
+    save_pretrained(model, directory)
+    write_json(directory / "diffusion.json", ScheduleConfig(learn_sigma=learn_sigma).to_dict())
+    write_json(directory / "data_manifest.json", {
+        "format": "mdt-latents",
+        "resolution": resolution,
+        "latent_shape": list(latent_shape),
+        "vae": {"spec": vae_spec, "kind": kind, "scaling_factor": scaling_factor},
+        "classes": CLASS_NAMES,
+        "num_classes": NUM_CLASSES,
+    })
+    return directory
+
+
+class _StandInLayers(nn.Module):
+    """Cheap deterministic features from (B, 3, 299, 299) images in [-1, 1], like Inception's `layers`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(48, 16, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (B, 48)
+        return torch.tanh(pooled @ self.proj)[:, :, None, None]  # (B, 16, 1, 1) like Inception's pool
+
+
+class _StandInInception(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _StandInLayers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def write_stand_in_inception(path: Path) -> Path:
+    """A TorchScript file with clean-fid's Inception interface (a `layers` submodule)."""
+    torch.jit.save(torch.jit.script(_StandInInception()), str(path))
+    return path
+
+
+def run_cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m mdt.cli ARGS` (or under torchrun with `nproc` processes), from this worktree."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "-m", "mdt.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "mdt.cli", *args]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)

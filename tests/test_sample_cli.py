@@ -1,0 +1,128 @@
+"""`mdt sample` end to end: tiny checkpoint export + tiny AutoencoderKL, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mdt.cli import app
+from mdt.errors import UserError
+from tests.sample_helpers import CLASS_NAMES, make_export, run_cli, save_tiny_vae
+
+STEPS = ["--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training run folder: RUN/ema holds the export, its manifest names the tiny VAE."""
+    root = tmp_path_factory.mktemp("ckpt")
+    vae_dir = save_tiny_vae(root / "vae")
+    make_export(root / "run" / "ema", vae_spec=str(vae_dir))
+    return root / "run"
+
+
+def _sample(run_dir: Path, out: Path, *extra: str, nproc: int = 1, n: int = 5):
+    return run_cli("sample", "--ckpt", str(run_dir), "--out", str(out), "--num-samples", str(n),
+                   "--cfg-scale", "4", *STEPS, *extra, nproc=nproc)
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png")) if p.name != "grid.png"}
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "samples"
+    result = _sample(run_dir, out, "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_outputs(reference: Path) -> None:
+    pngs = _pngs(reference)
+    assert sorted(pngs) == [f"{i:06d}.png" for i in range(5)]
+    with np.load(reference / "samples.npz", allow_pickle=False) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (5, 64, 64, 3)
+    assert labels.shape == (5,) and labels.min() >= 0 and labels.max() < len(CLASS_NAMES)
+    assert images.std() > 1  # not a constant image
+    assert (reference / "grid.png").is_file()
+    config = json.loads((reference / "sample_config.json").read_text())
+    assert config["sampler"] == "ddpm" and config["steps"] == 3 and config["guidance"]["scale"] == 4.0
+    assert config["scheduler"] == "DDPMScheduler" and config["timesteps"] == [999, 500, 0]
+    assert not list(reference.glob(".*.tmp"))
+
+
+def test_two_processes_and_other_splits_give_identical_bytes(run_dir: Path, reference: Path, tmp_path: Path) -> None:
+    two = tmp_path / "two"
+    result = _sample(run_dir, two, "--batch-size", "2", nproc=2)
+    assert result.returncode == 0, result.stderr
+    assert _pngs(two) == _pngs(reference)
+    assert (two / "samples.npz").read_bytes() == (reference / "samples.npz").read_bytes()
+
+
+def test_resume_skips_written_images(run_dir: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resume"
+    assert _sample(run_dir, out, "--batch-size", "2", n=2).returncode == 0
+    first = (out / "000000.png").stat().st_mtime_ns
+    (out / "000001.png").unlink()  # as if interrupted before it was written
+    result = _sample(run_dir, out, "--batch-size", "2", n=5)
+    assert result.returncode == 0, result.stderr
+    assert (out / "000000.png").stat().st_mtime_ns == first
+    assert _pngs(out) == _pngs(reference)
+
+
+def test_resume_with_other_settings_is_refused(run_dir: Path, reference: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in reference.iterdir()}
+    result = _sample(run_dir, reference, "--batch-size", "2", "--seed", "1")
+    assert result.returncode == 2
+    assert "seed" in result.stderr and "Traceback" not in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in reference.iterdir()} == before
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_other_samplers_and_schedules(run_dir: Path, tmp_path: Path, sampler: str) -> None:
+    out = tmp_path / sampler
+    result = _sample(run_dir, out, "--sampler", sampler, "--cfg-schedule", "power-cosine", "--cfg-channels", "3",
+                     "--classes", "3,7", n=3)
+    assert result.returncode == 0, result.stderr
+    with np.load(out / "samples.npz", allow_pickle=False) as data:
+        assert data["arr_0"].shape == (3, 64, 64, 3)
+        assert data["arr_1"].tolist() == [3, 7, 3]
+
+
+def test_pixel_space_checkpoint(tmp_path: Path) -> None:
+    export = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
+                         scaling_factor=1.0)
+    out = tmp_path / "out"
+    result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
+                     *STEPS, "--classes", "balanced")
+    assert result.returncode == 0, result.stderr
+    with np.load(out / "samples.npz", allow_pickle=False) as data:
+        assert data["arr_0"].shape == (2, 8, 8, 3) and data["arr_1"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--classes", "3,12"], "--classes"),
+    (["--sampler", "euler"], "--sampler"),
+    (["--cfg-channels", "5"], "--cfg-channels"),
+    (["--cfg-schedule", "linear"], "--cfg-schedule"),
+    (["--vae", "pixel"], "--vae pixel"),
+])
+def test_user_mistakes(run_dir: Path, tmp_path: Path, args: list[str], words: str) -> None:
+    """In process (the exit status 2 path is covered by test_not_a_checkpoint)."""
+    out = tmp_path / "bad"
+    result = CliRunner().invoke(app, ["sample", "--ckpt", str(run_dir), "--out", str(out), *STEPS, *args])
+    assert isinstance(result.exception, UserError), result.output
+    assert words in str(result.exception)
+    assert not out.exists()
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    result = run_cli("sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--num-samples", "1")
+    assert result.returncode == 2 and "--ckpt" in result.stderr and "ema" in result.stderr
+    assert not (tmp_path / "o").exists()
