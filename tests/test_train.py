@@ -220,3 +220,11 @@ def test_recipe_then_flags_override(tmp_path):
     recipe.write_text("train:\n  data: /d\n  out: /o\n  learning_rate: 1\n")
     with pytest.raises(UserError, match="unknown training setting 'learning_rate'"):
         resolve_config(recipe, {})
+
+
+def test_bf16_training_runs_with_fp32_ema(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    assert_ok(run_cli(*train_args(pixel_latents, run, "MDTv2-T/2", 3, "--precision", "bf16"), env=ENV, timeout=200))
+    assert all(np.isfinite(v) for v in train_losses(run).values())
+    ema = load_file(str(run / "ema" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in ema.values())

@@ -104,7 +104,7 @@ class MaskTokenDecoderInput(nn.Module):
         x = self.proj(x)
         if keep is not None:
             x = scatter_tokens(x, keep, self.mask_token, self.num_tokens)
-        return x + self.pos_embed
+        return x + self.pos_embed.to(x.dtype)
 
 
 class DiffusionTransformer(nn.Module):
@@ -181,7 +181,8 @@ class DiffusionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(x, t, y, mask)
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        tokens = self.x_embedder(x)
+        tokens = tokens + self.pos_embed.to(tokens.dtype)  # (B, N, D); buffers may stay fp32 under DeepSpeed bf16
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         keep = kept_indices(mask) if mask is not None else None  # (B, K)
 
