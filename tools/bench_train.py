@@ -35,7 +35,7 @@ def make_step(name: str, args, device: torch.device):
     ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,
                                          grad_clip=1.0, precision=args.precision)
     engine = Engine(model, optimizer, scheduler, ds_config)
-    ema = EMA(engine.full_fp32_params(), 0.9999)
+    ema = EMA(engine.master_partitions(), 0.9999)
     gen = torch.Generator(device=engine.device).manual_seed(0)
     x0 = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=engine.device)
     y = torch.randint(0, cfg.num_classes, (args.batch,), device=engine.device)
@@ -45,7 +45,7 @@ def make_step(name: str, args, device: torch.device):
 
     def step():
         engine.backward_and_step(objective(engine, x0, y, gen).loss)
-        ema.update(engine.full_fp32_params())
+        ema.update(engine.master_partitions())
 
     return engine, step, loss_and_backward, cfg
 

@@ -6,29 +6,16 @@ import torch
 
 
 class EMA:
-    """ema <- decay * ema + (1 - decay) * param, on fp32 copies of full (ungathered) parameters.
+    """shadow <- decay * shadow + (1 - decay) * master, on fp32 tensors.
 
-    The trainer feeds it the fp32 master weights (not the bf16 module weights) so that decays like
-    0.9999 do not vanish in bf16 rounding.
+    The trainer passes the optimizer's fp32 master partitions (not the bf16 module weights, in which
+    a 0.9999 decay would vanish in rounding); under ZeRO each rank averages only its own shard.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+    def __init__(self, masters: list[torch.Tensor], decay: float):
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+        self.shadow = [m.detach().float().clone() for m in masters]
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor]) -> None:
-        names = list(self.shadow)
-        targets = [self.shadow[n] for n in names]
-        sources = [params[n].detach().float().to(targets[0].device) for n in names]
-        torch._foreach_lerp_(targets, sources, 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(tensors)
-        if missing:
-            raise ValueError(f"EMA state is missing {sorted(missing)[:3]}")
-        for name, value in self.shadow.items():
-            value.copy_(tensors[name].float())
+    def update(self, masters: list[torch.Tensor]) -> None:
+        torch._foreach_lerp_(self.shadow, [m.detach().float() for m in masters], 1.0 - self.decay)

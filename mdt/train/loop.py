@@ -205,14 +205,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                                          precision=cfg.precision)
     engine = Engine(model, optimizer, scheduler, ds_config)
 
-    ema = EMA(engine.full_fp32_params(), cfg.ema_decay)
     start_step = 0
     if resume:
         client_state = engine.load(run.checkpoints, latest[0])
         start_step = int(client_state["step"])
-        ema.load_state_dict(read_weights(run.checkpoints / latest[0] / "ema"))
-    elif init_ema_dir is not None:
-        ema.load_state_dict(read_weights(init_ema_dir))
+    ema = EMA(engine.master_partitions(), cfg.ema_decay)
+    ema_source = run.checkpoints / latest[0] / "ema" if resume else init_ema_dir
+    if ema_source is not None:
+        engine.scatter_full_params(read_weights(ema_source), into=ema.shadow)
 
     data_manifest = _read_json(manifest.root / "manifest.json")
     if distributed.is_main():
@@ -231,10 +231,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         tag = tag_for(step)
         engine.save(run.checkpoints, tag, {"step": step})
         weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
+        with engine.masters_replaced_by(ema.shadow):
+            ema_weights = engine.full_fp32_params()
         if distributed.is_main():
             folder = run.checkpoints / tag
             diffusion = schedule_cfg.to_dict()
-            write_export(folder / "ema", model, ema.state_dict(), diffusion, data_manifest)
+            write_export(folder / "ema", model, ema_weights, diffusion, data_manifest)
             write_export(folder / "weights", model, weights, diffusion, data_manifest)
             run.mark_latest(tag, step)
             replace_folder(folder / "ema", run.ema)
@@ -267,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 step_parts["loss"] = step_parts.get("loss", 0.0) + out.loss.item() / cfg.grad_accum
                 for name, value in out.parts.items():
                     step_parts[name] = step_parts.get(name, 0.0) + value.item() / cfg.grad_accum
-            ema.update(engine.full_fp32_params())
+            ema.update(engine.master_partitions())
             step += 1
             step_time = time.perf_counter() - step_start
 
