@@ -5,30 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, write_image_tree
+from helpers import REPO_ROOT, save_tiny_vae, write_image_tree
 
 
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny AutoencoderKL (64 px -> 4x8x8) saved with save_pretrained, as the SD-VAE would be."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    folder = tmp_path_factory.mktemp("tiny-vae")
-    vae.save_pretrained(folder)
-    return folder
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
 
 
 @pytest.fixture(scope="session")

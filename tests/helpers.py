@@ -77,3 +77,24 @@ def run_cli(
         env=full_env,
         cwd=REPO_ROOT,
     )
+
+
+def save_tiny_vae(directory: Path) -> Path:
+    """A tiny AutoencoderKL (64 px -> 4x8x8) saved the way the real SD-VAE folder is laid out."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    vae.save_pretrained(directory)
+    return directory

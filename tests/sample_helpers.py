@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from model_helpers import randomize
 from torch import nn
 
 from mdt.diffusion.schedule import ScheduleConfig
@@ -17,35 +18,6 @@ from mdt.models import create_model, save_pretrained
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 CLASS_NAMES = [f"class-{k}" for k in range(NUM_CLASSES)]
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere: the zero-initialised output layer would make every sample the same."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
-def save_tiny_vae(directory: Path) -> Path:
-    """A tiny AutoencoderKL (64 px -> 4x8x8) saved the way the real SD-VAE folder is laid out."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    vae.save_pretrained(directory)
-    return directory
 
 
 def make_export(

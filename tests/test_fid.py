@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sample_helpers import run_cli, write_stand_in_inception
 
 from mdt.errors import UserError
 from mdt.eval import features
 from mdt.eval.fid import FeatureOptions, evaluate, make_reference
 from mdt.eval.stats import FeatureStats, fid, kid
-from tests.sample_helpers import run_cli, write_stand_in_inception
 
 N = 40
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import save_tiny_vae
+from sample_helpers import CLASS_NAMES, make_export, run_cli
 from typer.testing import CliRunner
 
 from mdt.cli import app
 from mdt.errors import UserError
-from tests.sample_helpers import CLASS_NAMES, make_export, run_cli, save_tiny_vae
 
 STEPS = ["--steps", "3"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import randomize
+from sample_helpers import NUM_CLASSES
 
 from mdt.diffusion.schedule import NoiseSchedule, ScheduleConfig
 from mdt.models import create_model
@@ -12,7 +14,6 @@ from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.samplers import SAMPLERS
 from mdt.sample.schedulers import ddpm_scheduler, respaced_timesteps
 from mdt.sample.seeding import class_labels, derived_seed, initial_noise, noise_generators
-from tests.sample_helpers import NUM_CLASSES, randomize
 
 SHAPE = (4, 8, 8)
 
@@ -55,10 +56,12 @@ def test_model_without_learned_sigma(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sample_depends_only_on_its_own_seed(model, name: str) -> None:
-    """Same batch shape, other neighbours and position: bit-identical (the basis of rank invariance)."""
+    """Same batch shape, other neighbours and position: the same sample up to float rounding (some CPU
+    kernels depend on a row's position, which is why `mdt sample` computes fixed batches)."""
     first = _sample(name, _guided(model, scale=2.0), [3, 4, 5])
     second = _sample(name, _guided(model, scale=2.0), [4, 9, 0])
-    assert torch.equal(first[1], second[0])
+    torch.testing.assert_close(first[1], second[0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(first, _sample(name, _guided(model, scale=2.0), [3, 4, 5]))  # same batch: same bits
     assert not torch.allclose(first[0], first[1])
 
 

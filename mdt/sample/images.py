@@ -81,7 +81,7 @@ def make_grid(images: Sequence[np.ndarray], captions: Sequence[str], *, columns:
     return grid
 
 
-def write_grid(path: Path, images: Sequence[np.ndarray], captions: Sequence[str]) -> None:
+def write_grid(path: Path, images: Sequence[np.ndarray], captions: Sequence[str], *, columns: int = 8) -> None:
     buffer = io.BytesIO()
-    make_grid(images, captions).save(buffer, format="PNG")
+    make_grid(images, captions, columns=columns).save(buffer, format="PNG")
     write_bytes(path, buffer.getvalue())

@@ -1,13 +1,14 @@
 """A sampling run: checkpoint -> guided sampler -> VAE decode -> PNGs, npz, grid, config.
 
-Written as if for one process; the distributed part is only *which* indices a rank makes. Sample
-i is a function of (settings, i) alone, so any number of processes, any batch size, and any
-number of interruptions give the same bytes.
+Written as if for one process; the distributed part is only *which* batches a rank makes. Sample
+i is a function of (settings, i) alone, and it is always computed in the same fixed batch, so any
+number of processes and any number of interruptions give the same bytes for a given batch size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_sp
         "batch_size": config.batch_size,
         "num_samples": config.num_samples,
         "model_config": checkpoint.model_config,
+        "class_names": checkpoint.class_names,
         "diffusion": checkpoint.diffusion.to_dict(),
         "scheduler": type(scheduler).__name__,
         "timesteps": [int(t) for t in scheduler.timesteps],
@@ -176,37 +178,41 @@ def run_sampling(config: SampleConfig) -> SampleResult:
     dist.barrier()
     if rank == 0:
         write_json(out / CONFIG_FILE, record)
+    # Sample i is always computed in batch i // B with exactly the indices [kB, (k+1)B), whatever
+    # the number of processes, an interruption or --num-samples: a float kernel's result may depend
+    # on a row's position and neighbours, so fixed batches are what make the PNGs byte-identical.
     # Every rank lists before anyone writes a sample, so all agree on what is left to do.
-    pending = [i for i in range(config.num_samples) if not sample_path(out, i).is_file()]
+    size = config.batch_size
+    pending = [k for k in range(math.ceil(config.num_samples / size))
+               if any(not sample_path(out, i).is_file() for i in range(k * size, min((k + 1) * size, config.num_samples)))]
     dist.barrier()
     mine = pending[rank::world]
     sampler = SAMPLERS[config.sampler]
     dtype = PRECISIONS[config.precision]
 
-    bar = tqdm(total=len(pending), unit="img", disable=not (config.progress and rank == 0), desc="sampling")
+    bar = tqdm(total=len(pending) * size, unit="img", disable=not (config.progress and rank == 0), desc="sampling")
     start = time.perf_counter()
-    for lo in range(0, len(mine), config.batch_size):
-        indices = mine[lo : lo + config.batch_size]
-        # Pad the last batch to full size: every forward pass then has the same shape, so no
-        # kernel picks a different reduction order and the split over ranks cannot change a bit.
-        pad = config.batch_size - len(indices)
-        generators = noise_generators(config.seed, indices) + noise_generators(config.seed, [0] * pad)
+    written = 0
+    for k in mine:
+        indices = list(range(k * size, (k + 1) * size))  # the last batch runs past N: those are not written
+        generators = noise_generators(config.seed, indices)
         noise = initial_noise(generators, checkpoint.latent_shape).to(device)
-        label_list = class_labels(classes, config.seed, indices, checkpoint.num_classes)
-        labels = torch.tensor(label_list + label_list[:1] * pad, device=device)
+        labels = torch.tensor(class_labels(classes, config.seed, indices, checkpoint.num_classes), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = sampler(
                 denoiser, noise, labels, diffusion=checkpoint.diffusion, steps=steps, generators=generators
             )
-        with torch.no_grad():
-            images = to_uint8(vae.decode(latents[: len(indices)].float()))
-        for i, image in zip(indices, images, strict=True):
-            write_png(sample_path(out, i), image)
+        with torch.no_grad():  # the whole batch, for the same reason: decoding is a float kernel too
+            images = to_uint8(vae.decode(latents.float()))
+        keep = [j for j, i in enumerate(indices) if i < config.num_samples and not sample_path(out, i).is_file()]
+        for j in keep:
+            write_png(sample_path(out, indices[j]), images[j])
+        written += len(keep)
         # Rank 0's bar counts every rank's work, assuming they keep pace.
-        bar.update(min(len(indices) * world, len(pending) - bar.n))
+        bar.update(min(size * world, bar.total - bar.n))
     seconds = time.perf_counter() - start
     bar.close()
-    generated = int(dist.all_reduce_sum(len(mine)))
+    generated = int(dist.all_reduce_sum(written))
     dist.barrier()
     if rank == 0:
         _write_summaries(out, config, checkpoint, classes)
@@ -222,7 +228,11 @@ def _write_summaries(out: Path, config: SampleConfig, checkpoint: Checkpoint, cl
     paths = [sample_path(out, i) for i in indices]
     write_npz(out / "samples.npz", paths, labels)
     names = checkpoint.class_names
-    shown = indices[:GRID_SIZE]
+    shown, columns = indices[:GRID_SIZE], 8
+    if classes == "balanced" and config.num_samples >= 2 * checkpoint.num_classes and checkpoint.num_classes <= 16:
+        # One row per class, so a reader compares what each class asked for at a glance.
+        columns = min(8, config.num_samples // checkpoint.num_classes)
+        shown = sorted(indices[: columns * checkpoint.num_classes], key=lambda i: (labels[i], i))
     captions = [names[labels[i]] if names and labels[i] < len(names) else str(labels[i]) for i in shown]
-    write_grid(out / "grid.png", [read_png(paths[i]) for i in shown], captions)
+    write_grid(out / "grid.png", [read_png(paths[i]) for i in shown], captions, columns=columns)
 

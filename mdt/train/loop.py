@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     if ema_source is not None:
         engine.scatter_full_params(read_weights(ema_source), into=ema.shadow)
 
-    data_manifest = _read_json(manifest.root / "manifest.json")
+    data_manifest = manifest.to_dict()
     if distributed.is_main():
         run.root.mkdir(parents=True, exist_ok=True)
         cfg.save(run.config)
