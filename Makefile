@@ -14,8 +14,14 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 NPROC ?= 1
 NODES ?= 1
 HOSTFILE ?=
+NODE_RANK ?= 0
+RDZV ?=
 ifneq ($(strip $(HOSTFILE)),)
 LAUNCH = $(VENV)/bin/deepspeed --hostfile $(HOSTFILE) --num_nodes $(NODES) --num_gpus $(NPROC) --module mdt.cli
+else ifneq ($(strip $(RDZV)),)
+# One make per node (SLURM's srun, pipelines/slurm.sbatch): torchrun joins the nodes at RDZV=host:port.
+LAUNCH = $(PY) -m torch.distributed.run --nnodes $(NODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
+	--master_addr $(word 1,$(subst :, ,$(RDZV))) --master_port $(word 2,$(subst :, ,$(RDZV))) -m mdt.cli
 else ifneq ($(NPROC),1)
 LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m mdt.cli
 else
@@ -42,23 +48,21 @@ test: setup ## run the CPU test suite
 lint: setup ## ruff over the package, tools and tests
 	$(VENV)/bin/ruff check mdt tools tests
 
-# encode-latents: DATA and OUT are required; the rest default to the paper setting (256 px, SD-VAE).
-RES ?= 256
-VAE ?= stabilityai/sd-vae-ft-ema
-FLIP ?= 0
-BATCH ?= 32
-WORKERS ?=
-ENCODE_ARGS = "$(DATA)" "$(OUT)" --resolution $(RES) --vae "$(VAE)" --batch-size $(BATCH) \
-	$(if $(filter 1 yes true,$(FLIP)),--flip) $(if $(WORKERS),--workers $(WORKERS))
+# Every stage takes a recipe (PIPELINE=pipelines/x.yaml: its encode:/train:/sample:/fid: section)
+# and/or variables; a variable given on the command line wins over the recipe.
+PIPELINE ?=
+RECIPE = $(if $(PIPELINE),--config $(PIPELINE))
 
-encode-latents: setup ## encode DATA (image folder or tars) to latent shards in OUT; RES VAE NPROC FLIP=1 BATCH WORKERS
-	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "error: pass DATA=<image folder or tar shards> OUT=<output folder>" >&2; exit 2; }
-	$(LAUNCH) encode $(ENCODE_ARGS)
+# encode-latents: make encode-latents PIPELINE=pipelines/mdtv2-xl2-in256.yaml [DATA= OUT= NPROC=8]
+encode-latents: setup ## images -> latent shards: PIPELINE= and/or DATA= OUT=, [RES= VAE= FLIP=1 BATCH= WORKERS= NPROC=]
+	@test -n "$(PIPELINE)$(DATA)" || { echo "error: pass PIPELINE=pipelines/<recipe>.yaml or DATA=<images> OUT=<latents>" >&2; exit 2; }
+	$(LAUNCH) encode $(RECIPE) $(if $(DATA),"$(DATA)") $(if $(OUT),"$(OUT)") $(if $(RES),--resolution $(RES)) \
+		$(if $(VAE),--vae "$(VAE)") $(if $(BATCH),--batch-size $(BATCH)) $(if $(WORKERS),--workers $(WORKERS)) \
+		$(if $(filter 1 yes true,$(FLIP)),--flip) $(ENCODE_ARGS)
 
-
-# Training: a recipe (PIPELINE=pipelines/x.yaml) and/or flags; flags win. RESUME=RUN continues a run.
-train: setup ## train with DeepSpeed: PIPELINE= or DATA= MODEL= OUT=, [DS_CONFIG= STEPS= RESUME= NPROC= NODES= HOSTFILE=]
-	$(LAUNCH) train $(if $(PIPELINE),--config $(PIPELINE)) $(if $(DATA),--data $(DATA)) \
+# train: a fresh run, or RESUME=RUN to continue one (after preemption: the same line with RESUME).
+train: setup ## train with DeepSpeed: PIPELINE= and/or DATA= MODEL= OUT=, [DS_CONFIG= STEPS= RESUME= NPROC= NODES= HOSTFILE=]
+	$(LAUNCH) train $(RECIPE) $(if $(DATA),--data $(DATA)) \
 		$(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) $(if $(DS_CONFIG),--deepspeed-config $(DS_CONFIG)) \
 		$(if $(STEPS),--steps $(STEPS)) $(if $(RESUME),--resume $(RESUME)) $(TRAIN_ARGS)
 
@@ -68,18 +72,58 @@ bench-model: setup ## forward+backward throughput of every family (tools/bench_m
 bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
 	$(PY) tools/bench_train.py $(BENCH_ARGS)
 
-# Sampling and FID: make sample CKPT=runs/xl OUT=samples/xl [N= CFG= SAMPLER= STEPS= NPROC=];
-# STEPS empty uses the sampler's default (250 ddpm, 50 ddim, 25 dpm++).
-N ?= 50000
-CFG ?= 1.5
-SAMPLER ?= ddpm
-sample: setup ## sample N images from CKPT into OUT (CFG, SAMPLER, STEPS; NPROC>1 uses torchrun)
-	$(LAUNCH) sample --ckpt $(or $(CKPT),$(error set CKPT=run or export folder)) \
-		--out $(or $(OUT),$(error set OUT=output folder)) --num-samples $(N) --cfg-scale $(CFG) \
-		--sampler $(SAMPLER) $(if $(STEPS),--steps $(STEPS)) $(SAMPLE_ARGS)
+# sample / fid: PIPELINE= and/or CKPT= OUT= N= CFG= SAMPLER= STEPS=; an empty variable leaves the
+# recipe's value (or the command's default: 50000 samples, ddpm 250 steps, w = 1.5).
+sample: setup ## sample images: PIPELINE= and/or CKPT= OUT=, [N= CFG= SAMPLER= STEPS= NPROC= NODES= HOSTFILE=]
+	@test -n "$(PIPELINE)$(CKPT)" || { echo "error: pass PIPELINE=pipelines/<recipe>.yaml or CKPT=<run> OUT=<folder>" >&2; exit 2; }
+	$(LAUNCH) sample $(RECIPE) $(if $(CKPT),--ckpt $(CKPT)) $(if $(OUT),--out $(OUT)) \
+		$(if $(N),--num-samples $(N)) $(if $(CFG),--cfg-scale $(CFG)) $(if $(SAMPLER),--sampler $(SAMPLER)) \
+		$(if $(STEPS),--steps $(STEPS)) $(SAMPLE_ARGS)
 
-fid: setup ## FID/KID of the samples in OUT against REF (stats .npz or image folder); writes OUT/metrics.json
-	$(PY) -m mdt.cli fid --samples $(or $(OUT),$(error set OUT=samples folder or npz)) \
-		--ref $(or $(REF),$(error set REF=stats .npz or image folder)) --num $(N) $(FID_ARGS)
+fid: setup ## FID/KID of samples: PIPELINE= and/or OUT=<samples> REF=<stats .npz or image folder>, [N=]
+	@test -n "$(PIPELINE)$(OUT)" || { echo "error: pass PIPELINE=pipelines/<recipe>.yaml or OUT=<samples> REF=<reference>" >&2; exit 2; }
+	$(PY) -m mdt.cli fid $(RECIPE) $(if $(OUT),--samples $(OUT)) $(if $(REF),--ref $(REF)) $(if $(N),--num $(N)) $(FID_ARGS)
 
-.PHONY: help setup test lint encode-latents train bench-model bench-train sample fid
+# The demo: the real chain (mdt shapes, encode, train with DeepSpeed, sample, classifier, fid, plot)
+# on built-in data, run from inside DEMO with pipelines/demo.yaml. Each stage is a file target, so a
+# second `make demo` reuses what is built and an interrupted one resumes; `rm -rf demo` starts over.
+# DEMO_STEPS / DEMO_IMAGES / DEMO_SAMPLES shrink it (the test suite runs it that way).
+DEMO ?= demo
+DEMO_RECIPE := $(CURDIR)/pipelines/demo.yaml
+DEMO_MDT := $(abspath $(MDT))
+DEMO_IN := cd $(DEMO) && $(DEMO_MDT)
+DEMO_STEPS ?=
+DEMO_IMAGES ?=
+DEMO_SAMPLES ?=
+
+$(DEMO)/images/.complete:
+	mkdir -p $(DEMO)
+	$(DEMO_IN) shapes --config $(DEMO_RECIPE) $(if $(DEMO_IMAGES),--train-per-class $(DEMO_IMAGES))
+	touch $@
+
+$(DEMO)/latents/manifest.json: $(DEMO)/images/.complete
+	$(DEMO_IN) encode --config $(DEMO_RECIPE) --no-progress
+
+$(DEMO)/run/metrics.json: $(DEMO)/latents/manifest.json
+	$(DEMO_IN) train --config $(DEMO_RECIPE) --deepspeed-config $(CURDIR)/deepspeed_configs/zero2.json \
+		$(if $(DEMO_STEPS),--steps $(DEMO_STEPS) --ckpt-every $(DEMO_STEPS) --val-every $(DEMO_STEPS)) \
+		$(if $(wildcard $(DEMO)/run/checkpoints/LATEST.json),--resume run)
+
+$(DEMO)/classifier/classifier.json: $(DEMO)/images/.complete
+	$(DEMO_IN) classifier train images/train --val images/val --out classifier
+
+$(DEMO)/samples/samples.npz: $(DEMO)/run/metrics.json
+	$(DEMO_IN) sample --config $(DEMO_RECIPE) $(if $(DEMO_SAMPLES),--num-samples $(DEMO_SAMPLES))
+
+$(DEMO)/metrics.json: $(DEMO)/samples/samples.npz $(DEMO)/classifier/classifier.json
+	$(DEMO_IN) classifier score --samples samples --classifier classifier --out metrics.json.part
+	$(DEMO_IN) fid --config $(DEMO_RECIPE) --out metrics.json.part
+	$(DEMO_IN) plot run --out loss.png --summary metrics.json.part
+	cp $(DEMO)/samples/grid.png $(DEMO)/grid.png
+	mv $(DEMO)/metrics.json.part $@
+
+demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU, minutes: DEMO/grid.png loss.png metrics.json
+	@echo "demo: $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
+	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); print('class accuracy', m['class_accuracy'], '| FID', m['fid'], '| final val loss', m['train'].get('final_val_loss'))"
+
+.PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo

@@ -25,6 +25,22 @@ def root() -> None:
     """mdt: train and sample masked latent diffusion transformers (MDT, MDTv2, MaskDiT, DiT)."""
 
 
+def _given(ctx: typer.Context) -> set[str]:
+    """The options the user typed (a recipe fills in only the others)."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def _require(values: dict, name: str, flag: str, what: str) -> None:
+    if values.get(name) in (None, ""):
+        raise UserError(f"no {what} given; pass {flag} or set {name}: in the recipe's section")
+
+
+RECIPE_HELP = "recipe YAML (pipelines/*.yaml); flags override its section for this command"
+
+
 @app.command("models")
 def models_command() -> None:
     """List the model names `--model` accepts, with parameters and forward GFLOPs per 256px image."""
@@ -100,11 +116,13 @@ app.add_typer(data_app, name="data")
 
 @app.command("encode")
 def encode_command(
+    ctx: typer.Context,
     input: str = typer.Argument(
-        ...,
+        None,
         help="ImageFolder root (ROOT/<class>/<image>), tar shards ('imgs-{000..009}.tar') or a file listing tars.",
     ),
-    out: str = typer.Argument(..., help="Output folder for the latent shards and manifest.json."),
+    out: str = typer.Argument(None, help="Output folder for the latent shards and manifest.json."),
+    config: Path = typer.Option(None, help=RECIPE_HELP + " (encode:)"),
     resolution: int = typer.Option(256, help="Image side after the ADM center crop; a multiple of 8."),
     vae: str = typer.Option(
         "stabilityai/sd-vae-ft-ema", help="Hub id, local diffusers folder, .safetensors file, or 'pixel'."
@@ -126,22 +144,14 @@ def encode_command(
 ) -> None:
     """Encode images into WebDataset shards of VAE latents (resumable; run under torchrun for many GPUs)."""
     from mdt.data.encode import EncodeConfig, encode_dataset
+    from mdt.recipe import merge_section
 
-    config = EncodeConfig(
-        input=input,
-        output=out,
-        resolution=resolution,
-        vae=vae,
-        vae_config=vae_config,
-        shard_size=shard_size,
-        flip=flip,
-        batch_size=batch_size,
-        workers=workers,
-        class_list=class_list,
-        device=device,
-        progress=progress,
-    )
-    encode_dataset(config)
+    values = {k: v for k, v in ctx.params.items() if k != "config"}
+    values = merge_section(config, "encode", values, _given(ctx))
+    _require(values, "input", "INPUT", "input images")
+    _require(values, "out", "OUT", "output folder")
+    values["input"], values["output"] = str(values["input"]), str(values.pop("out"))
+    encode_dataset(EncodeConfig(**values))
 
 
 @data_app.command("verify")
@@ -174,8 +184,10 @@ def data_info_command(data_dir: str = typer.Argument(..., help="A folder written
 
 @app.command("sample")
 def sample_command(
-    ckpt: Path = typer.Option(..., help="Training run folder (uses RUN/ema) or EMA export folder."),
-    out: Path = typer.Option(..., help="Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
+    ctx: typer.Context,
+    ckpt: Path = typer.Option(None, help="Training run folder (uses RUN/ema) or EMA export folder."),
+    out: Path = typer.Option(None, help="Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
+    config: Path = typer.Option(None, help=RECIPE_HELP + " (sample:)"),
     num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
     sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++."),
     steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++."),
@@ -193,16 +205,22 @@ def sample_command(
     device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
 ) -> None:
     """Sample images from a checkpoint, guided, on one or many processes (torchrun)."""
+    from mdt.recipe import merge_section
     from mdt.sample.guidance import GuidanceConfig
     from mdt.sample.run import SampleConfig, run_sampling
 
-    if cfg_schedule not in ("constant", "power-cosine"):
-        raise UserError(f"--cfg-schedule {cfg_schedule!r} is unknown; choose constant or power-cosine.")
-    guidance = GuidanceConfig(scale=cfg_scale, schedule=cfg_schedule, power=cfg_power, channels=cfg_channels)
+    v = merge_section(config, "sample", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    _require(v, "ckpt", "--ckpt", "checkpoint")
+    _require(v, "out", "--out", "output folder")
+    if v["cfg_schedule"] not in ("constant", "power-cosine"):
+        raise UserError(f"--cfg-schedule {v['cfg_schedule']!r} is unknown; choose constant or power-cosine.")
+    guidance = GuidanceConfig(scale=float(v["cfg_scale"]), schedule=v["cfg_schedule"], power=float(v["cfg_power"]),
+                              channels=v["cfg_channels"])
     result = run_sampling(
         SampleConfig(
-            ckpt=ckpt, out=out, num_samples=num_samples, sampler=sampler, steps=steps, guidance=guidance,
-            classes=classes, seed=seed, batch_size=batch_size, vae=vae, precision=precision, device=device,
+            ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
+            steps=v["steps"], guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
+            batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
         )
     )
     print0(
@@ -213,21 +231,45 @@ def sample_command(
 
 @app.command("fid")
 def fid_command(
-    samples: Path = typer.Option(..., help="Folder of sample images or an ADM-style samples.npz."),
-    ref: Path = typer.Option(..., help="Reference statistics .npz (mdt fid-ref) or a folder of reference images."),
+    ctx: typer.Context,
+    samples: Path = typer.Option(None, help="Folder of sample images or an ADM-style samples.npz."),
+    ref: Path = typer.Option(None, help="Reference statistics .npz (mdt fid-ref) or a folder of reference images."),
+    config: Path = typer.Option(None, help=RECIPE_HELP + " (fid:)"),
     num: int | None = typer.Option(None, help="Use the first N samples; refuse if there are fewer. Default: all."),
-    out: Path | None = typer.Option(None, help="Where to write metrics.json; default beside the samples."),
+    out: Path | None = typer.Option(None, help="metrics.json to add FID and KID to; default beside the samples."),
     inception: Path | None = typer.Option(None, help="Inception TorchScript; default clean-fid's cached copy."),
     cache_dir: Path | None = typer.Option(None, help="Cache for statistics of reference folders."),
     batch_size: int = typer.Option(64, help="Images per feature batch."),
     workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
     device: str | None = typer.Option(None, help="Torch device for the feature network."),
+    skip_without_weights: bool = typer.Option(
+        False, "--skip-without-weights",
+        help="If the Inception weights are missing, record fid: null and why in metrics.json instead of failing.",
+    ),
 ) -> None:
     """FID and KID of samples against a reference, with clean-fid's "clean" features."""
+    from mdt.eval.features import clean_fid_cache_path
     from mdt.eval.fid import FeatureOptions, evaluate
+    from mdt.fileio import merge_json
+    from mdt.recipe import merge_section
 
-    opts = FeatureOptions(inception=inception, device=device, batch_size=batch_size, num_workers=workers)
-    metrics = evaluate(samples, ref, num=num, out=out, opts=opts, cache_dir=cache_dir)
+    v = merge_section(config, "fid", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    _require(v, "samples", "--samples", "samples")
+    _require(v, "ref", "--ref", "reference")
+    samples, ref = Path(v["samples"]), Path(v["ref"])
+    out = Path(v["out"]) if v["out"] else None
+    inception = Path(v["inception"]) if v["inception"] else None
+    weights = inception or clean_fid_cache_path()
+    if v["skip_without_weights"] and not weights.is_file():
+        target = out or (samples if samples.is_dir() else samples.parent) / "metrics.json"
+        reason = f"no Inception weights at {weights} (nothing is downloaded; see the README's offline section)"
+        merge_json(target, {"fid": None, "kid": None, "fid_skipped": reason})
+        typer.echo(f"FID skipped: {reason}")
+        return
+    opts = FeatureOptions(inception=inception, device=v["device"], batch_size=v["batch_size"],
+                          num_workers=v["workers"])
+    cache_dir = Path(v["cache_dir"]) if v["cache_dir"] else None
+    metrics = evaluate(samples, ref, num=v["num"], out=out, opts=opts, cache_dir=cache_dir)
     kid = "n/a (reference has no features)" if metrics["kid"] is None else f"{metrics['kid']:.6f}"
     typer.echo(f"FID {metrics['fid']:.4f}  KID {kid}  ({metrics['num_samples']} samples, {metrics['resolution']} px)")
 
@@ -249,6 +291,88 @@ def fid_ref_command(
     opts = FeatureOptions(inception=inception, device=device, batch_size=batch_size, num_workers=workers)
     stats = make_reference(images, out, resolution, num=num, opts=opts)
     typer.echo(f"wrote {out} ({stats.meta['num_images']} images, {resolution} px)")
+
+
+@app.command("shapes")
+def shapes_command(
+    ctx: typer.Context,
+    out: Path = typer.Argument(None, help="Folder to write OUT/train/<class>/*.png and OUT/val/<class>/*.png into."),
+    config: Path = typer.Option(None, help=RECIPE_HELP + " (shapes:)"),
+    size: int = typer.Option(16, help="Image side in pixels."),
+    train_per_class: int = typer.Option(400, help="Training images per class."),
+    val_per_class: int = typer.Option(50, help="Held-out images per class (classifier and FID reference)."),
+    seed: int = typer.Option(0, help="Image (split, class, i) depends only on this seed."),
+) -> None:
+    """Draw the built-in class-conditional dataset (coloured shapes): data for the demo, no download."""
+    from mdt.data.shapes import SHAPE_CLASSES, ShapesConfig, write_shapes_dataset
+    from mdt.recipe import merge_section
+
+    v = merge_section(config, "shapes", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    _require(v, "out", "OUT", "output folder")
+    counts = write_shapes_dataset(ShapesConfig(out=Path(v["out"]), size=v["size"], seed=v["seed"],
+                                               train_per_class=v["train_per_class"],
+                                               val_per_class=v["val_per_class"]))
+    typer.echo(f"{v['out']}: {counts['train']} train and {counts['val']} val images of {len(SHAPE_CLASSES)} classes")
+
+
+classifier_app = typer.Typer(no_args_is_help=True,
+                             help="A small classifier probe: are generated samples of the class they were asked for?")
+app.add_typer(classifier_app, name="classifier")
+
+
+@classifier_app.command("train")
+def classifier_train_command(
+    images: Path = typer.Argument(..., help="Training images, ROOT/<class>/<image> (the ones the model trained on)."),
+    out: Path = typer.Option(..., help="Folder for classifier.safetensors and classifier.json."),
+    val: Path | None = typer.Option(None, help="Held-out images of the same classes, for the real-image accuracy."),
+    epochs: int = typer.Option(6, help="Passes over the training images."),
+    seed: int = typer.Option(0, help="Seed of weights and data order."),
+) -> None:
+    """Train the probe classifier on real images."""
+    from mdt.eval.classifier import train_classifier
+
+    summary = train_classifier(images, val, out, epochs=epochs, seed=seed)
+    val_text = "n/a" if summary["val_accuracy"] is None else f"{summary['val_accuracy']:.3f}"
+    typer.echo(f"{out}: {len(summary['class_names'])} classes, held-out accuracy {val_text} "
+               f"({summary['train_seconds']} s)")
+
+
+@classifier_app.command("score")
+def classifier_score_command(
+    samples: Path = typer.Option(..., help="The --out folder of `mdt sample` (or its samples.npz)."),
+    classifier: Path = typer.Option(..., help="Folder written by `mdt classifier train`."),
+    out: Path | None = typer.Option(None, help="metrics.json to add the class accuracy to; default beside the samples."),
+) -> None:
+    """Fraction of samples the probe assigns to the class they were generated for."""
+    from mdt.eval.classifier import score_samples
+    from mdt.fileio import merge_json
+
+    metrics = score_samples(classifier, samples)
+    merge_json(out or (samples if samples.is_dir() else samples.parent) / "metrics.json", metrics)
+    typer.echo(f"class accuracy {metrics['class_accuracy']:.3f} on {metrics['num_samples_scored']} samples "
+               f"(real held-out images: {metrics['classifier_val_accuracy']}, chance {metrics['chance_accuracy']:.3f})")
+
+
+@app.command("plot")
+def plot_command(
+    run: Path = typer.Argument(..., help="Training run folder (or its metrics.jsonl)."),
+    out: Path | None = typer.Option(None, help="PNG to write; default RUN/loss.png."),
+    summary: Path | None = typer.Option(None, help="Also add the run's training summary to this metrics.json."),
+) -> None:
+    """Training and validation loss against steps and wall-clock, as a PNG."""
+    import json
+
+    from mdt.eval.plots import plot_losses
+    from mdt.fileio import merge_json
+
+    target = out or (run if run.is_dir() else run.parent) / "loss.png"
+    info = plot_losses(run, target)
+    if summary is not None:
+        run_summary = run / "metrics.json" if run.is_dir() else run.parent / "metrics.json"
+        if not run_summary.is_file():
+            raise UserError(f"{run_summary} does not exist; the run has not finished, so there is no summary yet")
+        merge_json(summary, {"train": json.loads(run_summary.read_text())})
+    typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
 
 
 def main() -> None:

@@ -38,3 +38,13 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def merge_json(path: str | os.PathLike[str], updates: dict[str, Any]) -> dict[str, Any]:
+    """Add `updates` to the JSON object in `path` (created if missing), atomically; returns the result.
+    Lets several commands report into one metrics file without knowing of each other."""
+    path = Path(path)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(updates)
+    write_json(path, current)
+    return current

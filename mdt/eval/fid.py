@@ -27,7 +27,7 @@ from mdt.eval.features import (
     load_feature_network,
 )
 from mdt.eval.stats import FeatureStats, fid, kid
-from mdt.fileio import write_json
+from mdt.fileio import merge_json
 
 STATS_FORMAT = "mdt-fid-stats"
 
@@ -147,7 +147,8 @@ def evaluate(
     opts: FeatureOptions | None = None,
     cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """FID and KID of `samples` against `ref`; writes and returns the metrics (metrics.json beside the samples)."""
+    """FID and KID of `samples` against `ref`; returns the metrics and adds them to metrics.json beside
+    the samples (or `out`)."""
     opts = opts or FeatureOptions()
     if not samples.exists():
         raise UserError(f"--samples {samples} does not exist; pass the output folder of `mdt sample` or its samples.npz.")
@@ -169,7 +170,7 @@ def evaluate(
         "reference": str(ref.resolve()),
     }
     target = out or (samples if samples.is_dir() else samples.parent) / "metrics.json"
-    write_json(target, metrics)
+    merge_json(target, {**metrics, "fid_skipped": None})  # other commands (class accuracy) may report there too
     return metrics
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from mdt.errors import UserError
+from mdt.recipe import recipe_section
 
 LR_SCHEDULES = ("constant", "cosine")
 MASK_SCHEDULES = ("none", "zero", "cosine")
@@ -125,19 +126,6 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) ->
     return cfg
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; pass a YAML file from pipelines/")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"recipe {path} is not valid YAML: {err}") from err
-    if not isinstance(recipe, dict):
-        raise UserError(f"recipe {path} must be a YAML mapping with a train: section")
-    return recipe
-
-
 def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
                    base: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- `base` (a saved run config, on resume) <- the recipe's train: section <- overrides."""
@@ -145,9 +133,7 @@ def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
     if base:
         apply_overrides(cfg, base, "the run's config.yaml")
     if recipe_path is not None:
-        section = load_recipe(recipe_path).get("train", {})
-        if not isinstance(section, dict):
-            raise UserError(f"recipe {recipe_path}: train: must be a mapping of settings")
+        section = recipe_section(recipe_path, "train")
         apply_overrides(cfg, section, str(recipe_path))
     apply_overrides(cfg, overrides, "the command line")
     cfg.validate()

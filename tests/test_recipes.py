@@ -1,0 +1,54 @@
+"""Recipes in pipelines/: every section names only options its command has, and the train: section
+resolves to a valid configuration of a known model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer.main
+from helpers import REPO_ROOT
+
+from mdt.cli import app
+from mdt.errors import UserError
+from mdt.models.registry import model_config
+from mdt.recipe import load_recipe, merge_section
+from mdt.train.config import resolve_config
+
+RECIPES = sorted((REPO_ROOT / "pipelines").glob("*.yaml"))
+SECTION_COMMANDS = {"shapes": ["shapes"], "encode": ["encode"], "sample": ["sample"], "fid": ["fid"]}
+
+
+def _options(path: list[str]) -> set[str]:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return {p.name for p in command.params} - {"config"}
+
+
+def test_there_are_recipes_for_the_papers_and_the_demo() -> None:
+    names = {p.stem for p in RECIPES}
+    assert {"demo", "dit-xl2-in256", "mdt-xl2-in256", "mdtv2-xl2-in256", "maskdit-xl2-in256",
+            "maskdit-xl2-in256-unmask", "maskdit-xl2-in512"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_sections_are_known_to_their_commands(recipe: Path) -> None:
+    sections = load_recipe(recipe)
+    assert set(sections) <= {"train", *SECTION_COMMANDS}, f"unknown section in {recipe.name}"
+    for section, command in SECTION_COMMANDS.items():
+        unknown = set(sections.get(section) or {}) - _options(command)
+        assert not unknown, f"{recipe.name} {section}: {unknown}"
+    cfg = resolve_config(recipe, {})
+    model_config(cfg.model)  # a known preset
+    assert cfg.data and cfg.out
+
+
+def test_a_flag_wins_over_the_recipe_and_unknown_keys_are_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sample:\n  cfg_scale: 4.0\n  steps: 10\n")
+    merged = merge_section(recipe, "sample", {"cfg_scale": 1.5, "steps": 20, "seed": 0}, given={"steps"})
+    assert merged == {"cfg_scale": 4.0, "steps": 20, "seed": 0}
+    recipe.write_text("sample:\n  cfg_scael: 4.0\n")
+    with pytest.raises(UserError, match="cfg_scael"):
+        merge_section(recipe, "sample", {"cfg_scale": 1.5}, given=set())
