@@ -27,10 +27,10 @@ def root() -> None:
 
 def _given(ctx: typer.Context) -> set[str]:
     """The options the user typed (a recipe fills in only the others)."""
-    from click.core import ParameterSource
-
-    return {name for name in ctx.params
-            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+    # By name: typer may carry its own copy of click, whose enum is not click.core's.
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items()
+            if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def _require(values: dict, name: str, flag: str, what: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, run_cli
 
 from mdt.cli import app
 from mdt.errors import UserError
@@ -52,3 +52,18 @@ def test_a_flag_wins_over_the_recipe_and_unknown_keys_are_refused(tmp_path: Path
     recipe.write_text("sample:\n  cfg_scael: 4.0\n")
     with pytest.raises(UserError, match="cfg_scael"):
         merge_section(recipe, "sample", {"cfg_scale": 1.5}, given=set())
+
+
+def test_cli_reads_its_section_and_a_typed_flag_wins(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "shapes"
+    recipe.write_text(f"shapes:\n  out: {out}\n  size: 12\n  train_per_class: 1\n  val_per_class: 0\n")
+    result = run_cli("shapes", "--config", str(recipe), "--size", "8")
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(out / "train" / "0-red-disc" / "00000.png") as image:
+        assert image.size == (8, 8)  # the flag, not the recipe's 12
+    recipe.write_text("shapes:\n  size: 12\n")
+    result = run_cli("shapes", "--config", str(recipe))
+    assert result.returncode == 2 and "no output folder given" in result.stderr
