@@ -35,6 +35,19 @@ def cumulative_wall_time(records: list[dict]) -> list[float]:
     return out
 
 
+def _title(run: Path) -> str:
+    """The model and the run folder; MDT's training objective sums two passes, so say which model."""
+    folder = run if run.is_dir() else run.parent
+    config = folder / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        model = (yaml.safe_load(config.read_text()) or {}).get("model")
+        if model:
+            return f"{model}: {folder.resolve().name}"
+    return folder.resolve().name
+
+
 def plot_losses(run: Path, out: Path, title: str | None = None) -> dict:
     """Training and validation loss against steps and against wall-clock, as one PNG."""
     import matplotlib
@@ -50,15 +63,15 @@ def plot_losses(run: Path, out: Path, title: str | None = None) -> dict:
         raise UserError(f"{run} has no logged training step yet; plot after the first --log-every steps")
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for axis, column, label in ((axes[0], 0, "step"), (axes[1], 1, "wall-clock (min)")):
-        axis.plot([p[column] for p in train], [p[2] for p in train], label="train loss", lw=1.2)
+        axis.plot([p[column] for p in train], [p[2] for p in train], label="training objective", lw=1.2)
         if val:
-            axis.plot([p[column] for p in val], [p[2] for p in val], "o-", label="validation loss", ms=3)
+            axis.plot([p[column] for p in val], [p[2] for p in val], "o-", label="validation denoising loss", ms=3)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("loss")
     axes[0].set_yscale("log")
     axes[1].legend()
-    figure.suptitle(title or str(run))
+    figure.suptitle(title or _title(run))
     figure.tight_layout()
     with atomic_path(out) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
