@@ -50,6 +50,24 @@ def make_step(name: str, args, device: torch.device):
     return engine, step, loss_and_backward, cfg
 
 
+def profile_step(step, device: torch.device, name: str, top: int) -> None:
+    """Where one step's time goes: operators by self time on the device (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    for event in events[:top]:
+        emit({"figure": "profile", "model": name, "op": event.key[:80], "calls": event.count,
+              "self_ms": round(getattr(event, key) / 1e3, 3), "share": round(getattr(event, key) / total, 4)})
+    emit({"figure": "profile_total", "model": name, "self_ms": round(total / 1e3, 3)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -59,6 +77,8 @@ def main() -> None:
     parser.add_argument("--deepspeed-config", default="deepspeed_configs/zero2.json")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also profile one step and print its K most expensive operators (JSON lines)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
                         help="one family per process gives clean peak-memory figures on a GPU")
     args = parser.parse_args()
@@ -81,6 +101,8 @@ def main() -> None:
         seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
         memory = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
         results[family] = (seconds, flops)
+        if args.profile:
+            profile_step(step, device, name, args.profile)
         emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.precision,
               "zero_stage": engine.zero_stage, "device": device.type, "seconds_per_step": round(seconds, 4),
               "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
