@@ -21,7 +21,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 @app.callback()
-def root() -> None:
+def root(
+    # The DeepSpeed launcher puts --local_rank=N before the subcommand (`mdt.cli --local_rank=1 train ...`);
+    # it also sets LOCAL_RANK, which is what the library reads, so the flag is accepted and ignored.
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+) -> None:
     """mdt: train and sample masked latent diffusion transformers (MDT, MDTv2, MaskDiT, DiT)."""
 
 

@@ -67,3 +67,10 @@ def test_cli_reads_its_section_and_a_typed_flag_wins(tmp_path: Path) -> None:
     recipe.write_text("shapes:\n  size: 12\n")
     result = run_cli("shapes", "--config", str(recipe))
     assert result.returncode == 2 and "no output folder given" in result.stderr
+
+
+def test_the_deepspeed_launchers_local_rank_flag_is_accepted_before_the_subcommand() -> None:
+    # `deepspeed --module mdt.cli train ...` runs `python -m mdt.cli --local_rank=N train ...`.
+    result = run_cli("--local_rank=1", "models")
+    assert result.returncode == 0, result.stderr
+    assert "MDTv2-XL/2" in result.stdout
