@@ -220,6 +220,8 @@ def sample_command(
         raise UserError(f"--cfg-schedule {v['cfg_schedule']!r} is unknown; choose constant or power-cosine.")
     guidance = GuidanceConfig(scale=float(v["cfg_scale"]), schedule=v["cfg_schedule"], power=float(v["cfg_power"]),
                               channels=v["cfg_channels"])
+    if isinstance(v["classes"], list):  # a recipe may list the classes as YAML
+        v["classes"] = ",".join(str(c) for c in v["classes"])
     result = run_sampling(
         SampleConfig(
             ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
