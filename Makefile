@@ -96,7 +96,7 @@ DEMO_STEPS ?=
 DEMO_IMAGES ?=
 DEMO_SAMPLES ?=
 
-$(DEMO)/images/.complete:
+$(DEMO)/images/.complete: | $(VENV)/.installed
 	mkdir -p $(DEMO)
 	$(DEMO_IN) shapes --config $(DEMO_RECIPE) $(if $(DEMO_IMAGES),--train-per-class $(DEMO_IMAGES))
 	touch $@
