@@ -37,6 +37,14 @@ def _given(ctx: typer.Context) -> set[str]:
             if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
+def _with_recipe(ctx: typer.Context, config: Path | None, section: str) -> dict:
+    """This command's options, with the recipe's `section:` filling every one the user did not type."""
+    from mdt.recipe import merge_section
+
+
+    return merge_section(config, section, {k: v for k, v in ctx.params.items() if k != "config"}, _given(ctx))
+
+
 def _require(values: dict, name: str, flag: str, what: str) -> None:
     if values.get(name) in (None, ""):
         raise UserError(f"no {what} given; pass {flag} or set {name}: in the recipe's section")
@@ -148,10 +156,8 @@ def encode_command(
 ) -> None:
     """Encode images into WebDataset shards of VAE latents (resumable; run under torchrun for many GPUs)."""
     from mdt.data.encode import EncodeConfig, encode_dataset
-    from mdt.recipe import merge_section
 
-    values = {k: v for k, v in ctx.params.items() if k != "config"}
-    values = merge_section(config, "encode", values, _given(ctx))
+    values = _with_recipe(ctx, config, "encode")
     _require(values, "input", "INPUT", "input images")
     _require(values, "out", "OUT", "output folder")
     values["input"], values["output"] = str(values["input"]), str(values.pop("out"))
@@ -209,11 +215,10 @@ def sample_command(
     device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
 ) -> None:
     """Sample images from a checkpoint, guided, on one or many processes (torchrun)."""
-    from mdt.recipe import merge_section
     from mdt.sample.guidance import GuidanceConfig
     from mdt.sample.run import SampleConfig, run_sampling
 
-    v = merge_section(config, "sample", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    v = _with_recipe(ctx, config, "sample")
     _require(v, "ckpt", "--ckpt", "checkpoint")
     _require(v, "out", "--out", "output folder")
     if v["cfg_schedule"] not in ("constant", "power-cosine"):
@@ -255,11 +260,10 @@ def fid_command(
 ) -> None:
     """FID and KID of samples against a reference, with clean-fid's "clean" features."""
     from mdt.eval.features import clean_fid_cache_path
-    from mdt.eval.fid import FeatureOptions, evaluate
+    from mdt.eval.fid import FeatureOptions, default_metrics_path, evaluate
     from mdt.fileio import merge_json
-    from mdt.recipe import merge_section
 
-    v = merge_section(config, "fid", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    v = _with_recipe(ctx, config, "fid")
     _require(v, "samples", "--samples", "samples")
     _require(v, "ref", "--ref", "reference")
     samples, ref = Path(v["samples"]), Path(v["ref"])
@@ -267,7 +271,7 @@ def fid_command(
     inception = Path(v["inception"]) if v["inception"] else None
     weights = inception or clean_fid_cache_path()
     if v["skip_without_weights"] and not weights.is_file():
-        target = out or (samples if samples.is_dir() else samples.parent) / "metrics.json"
+        target = out or default_metrics_path(samples)
         reason = f"no Inception weights at {weights} (nothing is downloaded; see the README's offline section)"
         merge_json(target, {"fid": None, "kid": None, "fid_skipped": reason})
         typer.echo(f"FID skipped: {reason}")
@@ -311,9 +315,8 @@ def shapes_command(
 ) -> None:
     """Draw the built-in class-conditional dataset (coloured shapes): data for the demo, no download."""
     from mdt.data.shapes import SHAPE_CLASSES, ShapesConfig, write_shapes_dataset
-    from mdt.recipe import merge_section
 
-    v = merge_section(config, "shapes", {k: val for k, val in ctx.params.items() if k != "config"}, _given(ctx))
+    v = _with_recipe(ctx, config, "shapes")
     _require(v, "out", "OUT", "output folder")
     counts = write_shapes_dataset(ShapesConfig(out=Path(v["out"]), size=v["size"], seed=v["seed"],
                                                train_per_class=v["train_per_class"],
@@ -351,10 +354,11 @@ def classifier_score_command(
 ) -> None:
     """Fraction of samples the probe assigns to the class they were generated for."""
     from mdt.eval.classifier import score_samples
+    from mdt.eval.fid import default_metrics_path
     from mdt.fileio import merge_json
 
     metrics = score_samples(classifier, samples)
-    merge_json(out or (samples if samples.is_dir() else samples.parent) / "metrics.json", metrics)
+    merge_json(out or default_metrics_path(samples), metrics)
     typer.echo(f"class accuracy {metrics['class_accuracy']:.3f} on {metrics['num_samples_scored']} samples "
                f"(real held-out images: {metrics['classifier_val_accuracy']}, chance {metrics['chance_accuracy']:.3f})")
 
@@ -371,10 +375,11 @@ def plot_command(
     from mdt.eval.plots import plot_losses
     from mdt.fileio import merge_json
 
-    target = out or (run if run.is_dir() else run.parent) / "loss.png"
+    folder = run if run.is_dir() else run.parent
+    target = out or folder / "loss.png"
     info = plot_losses(run, target)
     if summary is not None:
-        run_summary = run / "metrics.json" if run.is_dir() else run.parent / "metrics.json"
+        run_summary = folder / "metrics.json"
         if not run_summary.is_file():
             raise UserError(f"{run_summary} does not exist; the run has not finished, so there is no summary yet")
         merge_json(summary, {"train": json.loads(run_summary.read_text())})

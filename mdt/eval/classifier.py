@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mdt.data.sources import IMAGE_EXTENSIONS
+from mdt.data.sources import list_inputs
 from mdt.errors import UserError
 from mdt.fileio import atomic_path, write_json
 
@@ -48,25 +48,21 @@ class ImageSet:
 
 
 def read_image_folder(root: Path, size: int | None = None) -> ImageSet:
-    """ROOT/<class>/<image> with classes in sorted folder order (as `mdt encode` labels them)."""
+    """ROOT/<class>/<image>, listed and labelled exactly as `mdt encode` lists and labels it."""
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass an image folder laid out as ROOT/<class>/<image>")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    images, labels = [], []
-    for label, name in enumerate(class_names):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    if size is not None and img.size != (size, size):
-                        img = img.resize((size, size), Image.BICUBIC)
-                    images.append(np.asarray(img))
-                labels.append(label)
-    if not images:
-        raise UserError(f"{root} holds no images in class folders; pass an image folder laid out as ROOT/<class>/<image>")
+    inputs = list_inputs(str(root))
+    images = []
+    for item in inputs.images:
+        with Image.open(item.path) as img:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            images.append(np.asarray(img))
     if len({im.shape for im in images}) != 1:
         raise UserError(f"{root} mixes image sizes; pass --size to resize them to one")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), class_names)
+    labels = np.asarray([item.label for item in inputs.images], dtype=np.int64)
+    return ImageSet(np.stack(images), labels, list(inputs.classes.names))
 
 
 def _to_tensor(images: np.ndarray) -> Tensor:

@@ -138,6 +138,11 @@ def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: Featur
     return stats
 
 
+def default_metrics_path(samples: Path) -> Path:
+    """metrics.json beside the samples: in the folder, or beside a samples.npz."""
+    return (samples if samples.is_dir() else samples.parent) / "metrics.json"
+
+
 def evaluate(
     samples: Path,
     ref: Path,
@@ -169,8 +174,8 @@ def evaluate(
         "samples": str(samples.resolve()),
         "reference": str(ref.resolve()),
     }
-    target = out or (samples if samples.is_dir() else samples.parent) / "metrics.json"
-    merge_json(target, {**metrics, "fid_skipped": None})  # other commands (class accuracy) may report there too
+    # Merged, not overwritten: other commands (class accuracy) may report into the same file.
+    merge_json(out or default_metrics_path(samples), {**metrics, "fid_skipped": None})
     return metrics
 
 
