@@ -3,7 +3,9 @@
 Runs the real pieces: the family's objective, the DeepSpeed engine (ZeRO stage from the config,
 bf16 where asked), AdamW and the fp32 EMA, in one process. Prints JSON lines: the matmul peak, one
 line per model (images/s, step seconds, FLOPs per image, achieved FLOP/s, fraction of the peak,
-peak memory), and the ratios the targets are stated in.
+peak memory), where a step's time goes (forward, backward, optimizer, EMA, each timed on its own,
+and the same forward+backward on the bare module without DeepSpeed), and the ratios the targets
+are stated in, beside the ratios the FLOP counts allow.
 
     python tools/bench_train.py                                     # CPU, S/2, batch 8, fp32
     python tools/bench_train.py --device cuda --precision bf16 --size XL --batch 32
@@ -12,14 +14,18 @@ peak memory), and the ratios the targets are stated in.
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
+import time
 
 import torch
 
-from benchmark_utils import count_flops, emit, machine, matmul_peak, time_call
+from benchmark_utils import count_flops, emit, machine, matmul_peak, synchronize, time_call
 from mdt.diffusion import NoiseSchedule, make_objective
 from mdt.models import create_model
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
+from mdt.train.optimizer import adamw
 
 FAMILIES = ("DiT", "MDTv2", "MaskDiT")
 
@@ -27,10 +33,11 @@ FAMILIES = ("DiT", "MDTv2", "MaskDiT")
 def make_step(name: str, args, device: torch.device):
     torch.manual_seed(0)
     model = create_model(name)
+    bare = copy.deepcopy(model)  # the same weights without DeepSpeed, for the reference pass
     cfg = model.config
     objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
                                patch_size=cfg.patch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = adamw(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,
                                          grad_clip=1.0, precision=args.precision)
@@ -47,7 +54,38 @@ def make_step(name: str, args, device: torch.device):
         engine.backward_and_step(objective(engine, x0, y, gen).loss)
         ema.update(engine.master_partitions())
 
-    return engine, step, loss_and_backward, cfg
+    def step_in_parts() -> dict[str, float]:
+        """One step with a device sync between its parts: seconds of each."""
+        marks = [time.perf_counter()]
+
+        def mark():
+            synchronize(engine.device)
+            marks.append(time.perf_counter())
+
+        loss = objective(engine, x0, y, gen).loss
+        mark()
+        engine.engine.backward(loss)
+        mark()
+        engine.engine.step()
+        mark()
+        ema.update(engine.master_partitions())
+        mark()
+        names = ("forward", "backward", "optimizer", "ema")
+        return {name: marks[i + 1] - marks[i] for i, name in enumerate(names)}
+
+    def bare_forward_backward_seconds() -> float:
+        """Forward+backward of the same objective on the bare module, in the engine's dtype."""
+        module = bare.to(engine.device, engine.dtype)
+
+        def run():
+            module.zero_grad(set_to_none=True)
+            objective(module, x0, y, gen).loss.backward()
+
+        seconds = time_call(run, engine.device, warmup=args.warmup, repeats=args.repeats)
+        module.to("cpu")
+        return seconds
+
+    return engine, step, step_in_parts, bare_forward_backward_seconds, loss_and_backward, cfg
 
 
 def profile_step(step, device: torch.device, name: str, top: int) -> None:
@@ -93,7 +131,7 @@ def main() -> None:
     results = {}
     for family in args.families:
         name = f"{family}-{args.size}/2"
-        engine, step, loss_and_backward, cfg = make_step(name, args, device)
+        engine, step, step_in_parts, bare_seconds, loss_and_backward, cfg = make_step(name, args, device)
         flops = count_flops(loss_and_backward) / args.batch  # forward + backward; the optimizer is negligible
         engine.engine.zero_grad()
         if device.type == "cuda":
@@ -101,24 +139,32 @@ def main() -> None:
         seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
         memory = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
         results[family] = (seconds, flops)
-        if args.profile:
-            profile_step(step, device, name, args.profile)
         emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.precision,
               "zero_stage": engine.zero_stage, "device": device.type, "seconds_per_step": round(seconds, 4),
               "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
               "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
               "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
               "peak_memory_gb": None if memory is None else round(memory, 2)})
-        del engine, step, loss_and_backward
+        parts = [step_in_parts() for _ in range(args.repeats)]
+        median = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
+        bare = bare_seconds()
+        emit({"figure": "step_parts", "model": name, **{f"{k}_s": round(v, 4) for k, v in median.items()},
+              "bare_forward_backward_s": round(bare, 4),
+              # what the engine adds to a forward+backward of the bare module, optimizer and EMA included
+              "overhead_over_bare": round(seconds / bare, 3)})
+        if args.profile:
+            profile_step(step, device, name, args.profile)
+        del engine, step, step_in_parts, bare_seconds, loss_and_backward
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if set(FAMILIES) <= set(results):
         dit, mdtv2, maskdit = (results[f] for f in FAMILIES)
-        emit({"figure": "maskdit_over_dit_images_per_s", "size": args.size, "ratio": round(dit[0] / maskdit[0], 3)})
+        # The ratios the FLOP counts allow at equal efficiency, beside the measured ones.
+        emit({"figure": "maskdit_over_dit_images_per_s", "size": args.size, "ratio": round(dit[0] / maskdit[0], 3),
+              "flop_ratio": round(dit[1] / maskdit[1], 3)})
         # MDTv2 runs two passes; its step should cost what its FLOPs say relative to DiT's.
         emit({"figure": "mdtv2_over_dit", "size": args.size, "time_ratio": round(mdtv2[0] / dit[0], 3),
               "flop_ratio": round(mdtv2[1] / dit[1], 3)})
-
 
 if __name__ == "__main__":
     main()

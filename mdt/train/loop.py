@@ -32,6 +32,7 @@ from mdt.train.config import TrainConfig
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
 from mdt.train.metrics_log import MetricsLog
+from mdt.train.optimizer import adamw
 from mdt.train.run_dir import (
     RunDir,
     read_weights,
@@ -196,8 +197,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     if cfg.mask_schedule != "none" and not hasattr(objective, "mask_ratio"):
         raise UserError(f"--mask-schedule {cfg.mask_schedule} needs a masked model; {model_cfg.name} has no mask")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay, fused=torch.cuda.is_available())
+    optimizer = adamw(model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr / cfg.lr))
     ds_config = resolve_deepspeed_config(cfg.deepspeed_config, micro_batch=cfg.micro_batch,
