@@ -55,3 +55,32 @@ def test_bf16_forward_backward_on_gpu_matches_fp32(name):
     ref = model(x, t, y, mask)
     out = model.to(torch.bfloat16)(x.bfloat16(), t, y, mask).float()
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+
+
+@cuda
+@pytest.mark.parametrize("family, allowed", [("DiT", 0), ("MaskDiT", 1), ("MDTv2", 2)])
+def test_a_training_forward_and_backward_waits_on_the_gpu_only_where_a_shape_needs_it(family, allowed):
+    """Host syncs stall the GPU queue. Allowed: the kept-token count of a masked pass (it sets a
+    shape) and MDT's per-batch mask ratio."""
+    import warnings
+
+    from mdt.diffusion import NoiseSchedule, make_objective
+
+    model = create_model(f"{family}-T/2").cuda()
+    cfg = model.config
+    objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
+                               patch_size=cfg.patch_size)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x0 = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda")
+    y = torch.randint(0, cfg.num_classes, (4,), device="cuda")
+    objective(model, x0, y, gen).loss.backward()  # first call: tables move to the GPU once
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            objective(model, x0, y, gen).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= allowed, syncs

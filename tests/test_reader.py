@@ -171,3 +171,24 @@ def test_fields_we_did_not_write_are_never_decoded(encoded_flip: Path, tmp_path:
     loader = LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"])
     assert len(take(loader, 3)) == 3
     assert sum(len(b["keys"]) for b in iter_validation_batches(data, 2, shards=["shard-000000.tar"])) == 3
+
+
+def test_a_label_outside_the_manifest_classes_is_a_user_error(encoded_flip: Path, tmp_path: Path) -> None:
+    """Caught on the host, naming the sample: the model does not check label values on a GPU."""
+    from mdt.data.shard_format import LABEL_FIELD
+
+    data = tmp_path / "data"
+    shutil.copytree(encoded_flip, data)
+    shard = data / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            if member.name.endswith(f".{LABEL_FIELD}"):
+                payload = b"99"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(UserError, match="label 99, outside the manifest's .* classes.*mdt data verify"):
+        take(LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"]), 1)
+    with pytest.raises(UserError, match="label 99"):
+        list(iter_validation_batches(data, 2, shards=["shard-000000.tar"]))

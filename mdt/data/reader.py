@@ -68,6 +68,7 @@ class _StreamPlan:
     sample_shape: tuple[int, ...]  # of the stored moments array (V, M, C, H, W)
     scaling_factor: float
     shift_factor: float
+    num_classes: int
     seed: int
     rank: int
     world_size: int
@@ -111,7 +112,7 @@ class _RankBatches(IterableDataset):
                 next_owned += plan.workers
             chunk = [next(samples) for _ in range(plan.batch_size)]
             next_owned += plan.workers
-            moments, labels = _stack(chunk, decode)
+            moments, labels = _stack(chunk, decode, plan.num_classes)
             # Noise and views depend on the global batch index only, not on which worker runs.
             generator = torch.Generator().manual_seed(_seed(plan.seed, plan.rank, batch_index))
             latents = sample_latents(moments, plan.scaling_factor, plan.shift_factor, generator)
@@ -148,10 +149,16 @@ def _raw_samples(shard_paths: Iterator[str]) -> Iterator[RawSample]:
         yield from iter_tar_samples(path, fields=(MOMENTS_FIELD, LABEL_FIELD))
 
 
-def _stack(samples: list[RawSample], decode: MomentsDecoder) -> tuple[np.ndarray, torch.Tensor]:
+def _stack(samples: list[RawSample], decode: MomentsDecoder, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
     moments = np.stack([decode(s.fields[MOMENTS_FIELD]) for s in samples])  # (B, V, M, C, H, W)
-    labels = torch.tensor([decode_label(s.fields[LABEL_FIELD]) for s in samples], dtype=torch.int64)
-    return moments, labels
+    labels = [decode_label(s.fields[LABEL_FIELD]) for s in samples]
+    # Checked here, on host integers: the model checks label values only on the CPU, since checking
+    # a GPU tensor makes the host wait for the GPU in every step.
+    for sample, label in zip(samples, labels, strict=True):
+        if not 0 <= label < num_classes:
+            raise UserError(f"sample {sample.key} has label {label}, outside the manifest's {num_classes} classes; "
+                            "run `mdt data verify` on the data and re-encode the shards it names")
+    return moments, torch.tensor(labels, dtype=torch.int64)
 
 
 def sample_latents(
@@ -242,6 +249,7 @@ class LatentLoader:
             sample_shape=self.manifest.sample_shape,
             scaling_factor=self.manifest.scaling_factor,
             shift_factor=self.manifest.shift_factor,
+            num_classes=self.manifest.num_classes,
             seed=seed,
             rank=self.rank,
             world_size=self.world_size,
@@ -294,7 +302,7 @@ def iter_validation_batches(
     decode = MomentsDecoder(manifest.sample_shape)
 
     def finish(pending: list[RawSample], batch_index: int) -> Batch:
-        moments, labels = _stack(pending, decode)
+        moments, labels = _stack(pending, decode, manifest.num_classes)
         generator = torch.Generator().manual_seed(_seed(seed, batch_index))
         latents = sample_latents(
             moments, manifest.scaling_factor, manifest.shift_factor, generator, random_view=False

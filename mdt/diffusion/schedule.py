@@ -41,12 +41,6 @@ def make_betas(cfg: ScheduleConfig) -> np.ndarray:
     raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {cfg.beta_schedule!r}")
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """values[t] as float32, shaped to broadcast over a (B, ...) tensor of `ndim` dims."""
-    out = values.to(t.device)[t].float()
-    return out.reshape(-1, *([1] * (ndim - 1)))
-
-
 class NoiseSchedule:
     def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
         self.config = cfg
@@ -70,22 +64,37 @@ class NoiseSchedule:
         self.posterior_mean_coef2 = as_tensor(
             (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
         self.snr_values = as_tensor(alphas_cumprod / (1.0 - alphas_cumprod))
+        self.log_betas = as_tensor(np.log(betas))
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _gather(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """values[t] as float32, shaped to broadcast over a (B, ...) tensor of `ndim` dims.
+
+        Each table is copied to t's device once: a copy from host memory makes the host wait for
+        the GPU to drain, and a training step gathers about ten times.
+        """
+        if values.device != t.device:
+            key = (id(values), t.device)
+            if key not in self._on_device:
+                self._on_device[key] = values.to(t.device)
+            values = self._on_device[key]
+        return values[t].float().reshape(-1, *([1] * (ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return (_gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
+        return (self._gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
+                + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (_gather(self.posterior_mean_coef1, t, xt.dim()) * x0
-                + _gather(self.posterior_mean_coef2, t, xt.dim()) * xt)
-        return mean, _gather(self.posterior_log_variance_clipped, t, xt.dim()).expand_as(xt)
+        mean = (self._gather(self.posterior_mean_coef1, t, xt.dim()) * x0
+                + self._gather(self.posterior_mean_coef2, t, xt.dim()) * xt)
+        return mean, self._gather(self.posterior_log_variance_clipped, t, xt.dim()).expand_as(xt)
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, xt.dim()) * xt
-                - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()) * eps)
+        return (self._gather(self.sqrt_recip_alphas_cumprod, t, xt.dim()) * xt
+                - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()) * eps)
 
     def p_mean_logvar(self, eps: torch.Tensor, var_values: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +102,12 @@ class NoiseSchedule:
 
         The log-variance interpolates between the posterior's (lower) and beta_t (upper) bound.
         """
-        min_log = _gather(self.posterior_log_variance_clipped, t, xt.dim())
-        max_log = _gather(torch.log(self.betas), t, xt.dim())
+        min_log = self._gather(self.posterior_log_variance_clipped, t, xt.dim())
+        max_log = self._gather(self.log_betas, t, xt.dim())
         frac = (var_values + 1) / 2
         logvar = frac * max_log + (1 - frac) * min_log
         mean, _ = self.q_posterior(self.predict_x0(xt, t, eps), xt, t)
         return mean, logvar
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return self.snr_values.to(t.device)[t].float()
+        return self._gather(self.snr_values, t, 1)

@@ -245,8 +245,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     log = MetricsLog(run.metrics, resume_step=start_step if resume else None,
                      tensorboard_dir=run.root / "tensorboard" if cfg.tensorboard else None)
+    # Pinned batches copy to a GPU without making the host wait for it.
+    on_gpu = engine.device.type == "cuda"
     loader = iter(LatentLoader(cfg.data, cfg.micro_batch, seed=cfg.seed, num_workers=cfg.num_workers,
-                               start_batch=start_step * cfg.grad_accum, shards=train_shards))
+                               start_batch=start_step * cfg.grad_accum, shards=train_shards, pin_memory=on_gpu))
     stop = StopRequest()
     tokens_per_image = model_cfg.num_tokens
     window: dict[str, float] = {}
@@ -264,7 +266,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             for micro in range(cfg.grad_accum):
                 batch = next(loader)
                 gen = torch.Generator(device=engine.device).manual_seed(_mix(cfg.seed, step, micro, rank))
-                out = objective(engine, batch["latents"].to(engine.device), batch["labels"].to(engine.device), gen)
+                latents = batch["latents"].to(engine.device, non_blocking=on_gpu)
+                labels = batch["labels"].to(engine.device, non_blocking=on_gpu)
+                out = objective(engine, latents, labels, gen)
                 engine.backward_and_step(out.loss)  # DeepSpeed divides by grad_accum itself
                 step_parts["loss"] = step_parts.get("loss", 0.0) + out.loss.item() / cfg.grad_accum
                 for name, value in out.parts.items():
