@@ -166,5 +166,6 @@ def main() -> None:
         emit({"figure": "mdtv2_over_dit", "size": args.size, "time_ratio": round(mdtv2[0] / dit[0], 3),
               "flop_ratio": round(mdtv2[1] / dit[1], 3)})
 
+
 if __name__ == "__main__":
     main()

@@ -270,9 +270,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 labels = batch["labels"].to(engine.device, non_blocking=on_gpu)
                 out = objective(engine, latents, labels, gen)
                 engine.backward_and_step(out.loss)  # DeepSpeed divides by grad_accum itself
-                step_parts["loss"] = step_parts.get("loss", 0.0) + out.loss.item() / cfg.grad_accum
-                for name, value in out.parts.items():
-                    step_parts[name] = step_parts.get(name, 0.0) + value.item() / cfg.grad_accum
+                # The loss and its parts in one read: each read of a GPU value makes the host wait.
+                values = torch.stack([out.loss.detach().float(), *(v.float() for v in out.parts.values())]).tolist()
+                for name, value in zip(["loss", *out.parts], values, strict=True):
+                    step_parts[name] = step_parts.get(name, 0.0) + value / cfg.grad_accum
             ema.update(engine.master_partitions())
             step += 1
             step_time = time.perf_counter() - step_start
