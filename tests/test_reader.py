@@ -151,23 +151,33 @@ def test_validation_batches_are_deterministic_and_finite(encoded_flip: Path) -> 
     assert len(subset) == 1 and len(subset[0]["keys"]) == read_manifest(encoded_flip).shards[1].count
 
 
-def test_fields_we_did_not_write_are_never_decoded(encoded_flip: Path, tmp_path: Path) -> None:
-    """A pickle member in a shard is skipped, not unpickled (it would fail to import if it were)."""
+def copy_with_first_shard_edited(source: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the encoded data whose shard-000000.tar has each member replaced by
+    `edit(member, payload)`: a list of (TarInfo, bytes) to write in its place."""
     data = tmp_path / "data"
-    shutil.copytree(encoded_flip, data)
+    shutil.copytree(source, data)
     shard = data / "shard-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    evil = b"cno_such_module_mdt_test\nboom\n."  # pickle protocol 0: GLOBAL of a missing module
     with tarfile.open(shard, "w") as tar:
         for member, payload in members:
-            tar.addfile(member, io.BytesIO(payload))
-            if member.name.endswith(".json"):
-                key = member.name.split(".")[0]
-                for ext in ("pyd", "pth"):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(evil)
-                    tar.addfile(info, io.BytesIO(evil))
+            for info, data_bytes in edit(member, payload):
+                info.size = len(data_bytes)
+                tar.addfile(info, io.BytesIO(data_bytes))
+    return data
+
+
+def test_fields_we_did_not_write_are_never_decoded(encoded_flip: Path, tmp_path: Path) -> None:
+    """A pickle member in a shard is skipped, not unpickled (it would fail to import if it were)."""
+    evil = b"cno_such_module_mdt_test\nboom\n."  # pickle protocol 0: GLOBAL of a missing module
+
+    def add_pickles(member: tarfile.TarInfo, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        if not member.name.endswith(".json"):
+            return [(member, payload)]
+        key = member.name.split(".")[0]
+        return [(member, payload)] + [(tarfile.TarInfo(f"{key}.{ext}"), evil) for ext in ("pyd", "pth")]
+
+    data = copy_with_first_shard_edited(encoded_flip, tmp_path, add_pickles)
     loader = LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"])
     assert len(take(loader, 3)) == 3
     assert sum(len(b["keys"]) for b in iter_validation_batches(data, 2, shards=["shard-000000.tar"])) == 3
@@ -177,17 +187,10 @@ def test_a_label_outside_the_manifest_classes_is_a_user_error(encoded_flip: Path
     """Caught on the host, naming the sample: the model does not check label values on a GPU."""
     from mdt.data.shard_format import LABEL_FIELD
 
-    data = tmp_path / "data"
-    shutil.copytree(encoded_flip, data)
-    shard = data / "shard-000000.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(shard, "w") as tar:
-        for member, payload in members:
-            if member.name.endswith(f".{LABEL_FIELD}"):
-                payload = b"99"
-                member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
+    def bad_labels(member: tarfile.TarInfo, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        return [(member, b"99" if member.name.endswith(f".{LABEL_FIELD}") else payload)]
+
+    data = copy_with_first_shard_edited(encoded_flip, tmp_path, bad_labels)
     with pytest.raises(UserError, match="label 99, outside the manifest's .* classes.*mdt data verify"):
         take(LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"]), 1)
     with pytest.raises(UserError, match="label 99"):
