@@ -15,9 +15,10 @@ class ModelConfig:
 
     - DiT: `depth` plain blocks, no masking.
     - MDT (v1): `depth - decoder_depth` encoder blocks, the side-interpolater (masked pass only),
-      `decoder_depth` decoder blocks; relative position bias everywhere.
-    - MDTv2: as MDT, plus U-ViT long skips across the encoder and the full input embedding fused
-      into the decoder input (`input_skip`).
+      `decoder_depth` decoder blocks; relative position bias everywhere; trainable position
+      embeddings (`learn_pos_embed`) before the encoder and before the decoder.
+    - MDTv2: as MDT, plus U-ViT long skips across the encoder (`long_skips`) and, in every decoder
+      block, a skip projection over concat(tokens, input embedding) (`input_skip`).
     - MaskDiT: `depth` encoder blocks on visible tokens, mask tokens, then `decoder_depth` light
       blocks of width `decoder_hidden_size` on all tokens.
     """
@@ -40,6 +41,7 @@ class ModelConfig:
     rel_pos_bias: bool = False
     long_skips: bool = False
     input_skip: bool = False
+    learn_pos_embed: bool = False
     attention_backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class ModelConfig:
             raise ValueError(f"decoder_depth must be in [0, depth={self.depth}), got {self.decoder_depth}")
         if self.restore == "mask_token" and (self.decoder_depth < 1 or self.decoder_hidden_size < 1):
             raise ValueError("a mask-token decoder needs decoder_depth >= 1 and decoder_hidden_size >= 1")
+        if self.long_skips and self.encoder_depth % 2:
+            raise ValueError(f"long skips pair the encoder's halves: its depth {self.encoder_depth} must be even")
         if self.restore == "none" and self.decoder_depth:
             raise ValueError("decoder_depth needs restore='side_interpolater' or 'mask_token'")
 

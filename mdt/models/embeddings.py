@@ -10,7 +10,11 @@ from torch import nn
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding, (grid_size**2, dim), row-major over the grid."""
+    """Fixed 2-D sin-cos position embedding, (grid_size**2, dim), row-major over the grid.
+
+    As MAE and DiT compute it: the first half of the channels encodes the column (w) coordinate,
+    the second half the row, each as [sin, cos] of the coordinate times 10000^(-k / (dim/4)).
+    """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     coords = np.arange(grid_size, dtype=np.float64)
@@ -21,7 +25,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
         angles = pos.reshape(-1)[:, None] * omega[None, :]
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    emb = np.concatenate([embed_1d(rows), embed_1d(cols)], axis=1)
+    emb = np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1)
     return torch.from_numpy(emb).float()
 
 

@@ -15,6 +15,21 @@ from mdt.models.transformer import DiffusionTransformer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
+# Version 2: official-compatible models (DiT position embedding, MDTv2 decoder skips, trained MDT
+# position embeddings). Version 1 exports carry no number and hold a different model.
+FORMAT_VERSION = 2
+FORMAT_KEY = "mdt_format"
+
+
+def check_format(path: Path, data: dict) -> dict:
+    """`data` (a model_config.json) without its version number; refuse an export of another version."""
+    version = data.get(FORMAT_KEY)
+    if version != FORMAT_VERSION:
+        made_by = "an earlier mdt" if version is None else f"mdt export format {version}"
+        raise UserError(f"{path} was made by {made_by}, whose models differ from the official architectures "
+                        f"this version builds (format {FORMAT_VERSION}); retrain it, or re-import the official "
+                        "checkpoint with `mdt import`")
+    return {k: v for k, v in data.items() if k != FORMAT_KEY}
 
 
 def save_pretrained(model: DiffusionTransformer, directory: str | Path,
@@ -25,11 +40,12 @@ def save_pretrained(model: DiffusionTransformer, directory: str | Path,
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = state_dict if state_dict is not None else model.state_dict()
+    # Fixed tables (DiT's position embedding) are buffers: the model's own values fill in for them.
+    tensors = {**model.state_dict(), **(state_dict or {})}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json(directory / CONFIG, model.config.to_dict())
+    write_json(directory / CONFIG, {FORMAT_KEY: FORMAT_VERSION, **model.config.to_dict()})
     return directory
 
 
@@ -39,7 +55,13 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise UserError(f"{path} does not exist; point to a folder written by `mdt train` (its ema/ folder) "
                         "or by mdt.models.save_pretrained")
     try:
-        return ModelConfig.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} could not be read as JSON ({err}); re-export the model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; re-export the model")
+    try:
+        return ModelConfig.from_dict(check_format(path, data))
     except (ValueError, TypeError) as err:
         raise UserError(f"{path} is not a valid model config ({err}); re-export the model") from err
 

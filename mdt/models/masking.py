@@ -25,13 +25,19 @@ def _mask_from_scores(scores: torch.Tensor, num_drop: int) -> torch.Tensor:
     return mask
 
 
-def random_mask(batch: int, grid_size: int, ratio: float, *, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Drop round(ratio * N) tokens chosen uniformly at random per sample."""
+def num_kept(num_tokens: int, ratio: float | torch.Tensor) -> int:
+    """int(N (1 - ratio)) tokens stay, as MAE, MDT and MaskDiT count them. A tensor ratio (MDTv2 draws
+    one per batch as float32) is computed in its own dtype, as the official code does."""
+    return int(num_tokens * (1 - ratio))
+
+
+def random_mask(batch: int, grid_size: int, ratio: float | torch.Tensor, *,
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep int(N (1 - ratio)) tokens chosen uniformly at random per sample; drop the rest."""
     check_ratio(ratio)
     n = grid_size * grid_size
     scores = torch.rand(batch, n, generator=generator, device=generator.device if generator else "cpu")
-    return _mask_from_scores(scores, round(ratio * n)).to(device)
+    return _mask_from_scores(scores, n - num_kept(n, ratio)).to(device)
 
 
 def block_mask(batch: int, grid_size: int, ratio: float, *, block: int = 2,

@@ -26,6 +26,7 @@ MDT_DECODER_DEPTH = 2
 MASKDIT_DECODER = {"T": (2, 32, 2), "S": (8, 192, 3), "B": (8, 320, 5), "L": (8, 448, 7), "XL": (8, 512, 16)}
 
 FAMILY_PATCHES = {"DiT": (2, 4, 8), "MDT": (2,), "MDTv2": (2,), "MaskDiT": (2,)}
+FAMILY_NAMES = {"DiT": "dit", "MDT": "mdt", "MDTv2": "mdtv2", "MaskDiT": "maskdit"}  # preset prefix -> family
 _NAME = re.compile(r"^(DiT|MDT|MDTv2|MaskDiT)-(T|S|B|L|XL)/(\d+)$")
 
 
@@ -46,10 +47,11 @@ def model_config(name: str, *, input_size: int = 32, in_channels: int = 4, num_c
     if family == "DiT":
         fields.update(family="dit")
     elif family == "MDT":
-        fields.update(family="mdt", restore="side_interpolater", decoder_depth=MDT_DECODER_DEPTH, rel_pos_bias=True)
+        fields.update(family="mdt", restore="side_interpolater", decoder_depth=MDT_DECODER_DEPTH, rel_pos_bias=True,
+                      learn_pos_embed=True)
     elif family == "MDTv2":
         fields.update(family="mdtv2", restore="side_interpolater", decoder_depth=MDTV2_DECODER_DEPTH[size],
-                      rel_pos_bias=True, long_skips=True, input_skip=True)
+                      rel_pos_bias=True, long_skips=True, input_skip=True, learn_pos_embed=True)
     else:
         blocks, dec_width, dec_heads = MASKDIT_DECODER[size]
         fields.update(family="maskdit", restore="mask_token", decoder_depth=blocks,

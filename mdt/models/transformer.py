@@ -30,6 +30,16 @@ def scatter_tokens(kept: torch.Tensor, keep: torch.Tensor, fill: torch.Tensor, n
     return grid.scatter(1, keep[:, :, None].expand(-1, -1, d), kept)  # out of place: fill gets gradients
 
 
+def add_position_embedding(module: nn.Module, name: str, dim: int, grid_size: int, trainable: bool) -> None:
+    """Give `module` a (1, N, dim) sin-cos position embedding saved with the weights: a parameter
+    (MDT trains it) or a buffer (DiT keeps it fixed; a buffer keeps it out of the optimizer)."""
+    table = sincos_pos_embed_2d(dim, grid_size)[None]
+    if trainable:
+        module.register_parameter(name, nn.Parameter(table))
+    else:
+        module.register_buffer(name, table)
+
+
 class Block(TransformerBlock):
     """A transformer block that owns its relative position bias, if the model uses one."""
 
@@ -74,15 +84,16 @@ class SideInterpolater(nn.Module):
         super().__init__()
         self.num_tokens = cfg.num_tokens
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None])
+        add_position_embedding(self, "decoder_pos_embed", cfg.hidden_size, cfg.grid_size, cfg.learn_pos_embed)
         self.block = Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, grid_size=grid_size,
                            backend=cfg.attention_backend)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
+        pos = self.decoder_pos_embed.to(x.dtype)
         if keep is None:
-            return x + self.pos_embed  # full pass: same position embedding, no interpolation
-        full = scatter_tokens(x, keep, self.mask_token, self.num_tokens) + self.pos_embed  # (B, N, D)
+            return x + pos  # full pass: same position embedding, no interpolation
+        full = scatter_tokens(x, keep, self.mask_token, self.num_tokens) + pos  # (B, N, D)
         interpolated = self.block(full, c)
         return torch.where(mask[:, :, None], interpolated, full)
 
@@ -96,8 +107,7 @@ class MaskTokenDecoderInput(nn.Module):
         self.num_tokens = cfg.num_tokens
         self.proj = nn.Linear(cfg.hidden_size, cfg.decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_hidden_size))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.decoder_hidden_size, cfg.grid_size)[None],
-                             persistent=False)
+        add_position_embedding(self, "pos_embed", cfg.decoder_hidden_size, cfg.grid_size, False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -113,8 +123,7 @@ class DiffusionTransformer(nn.Module):
         self.config = cfg
         grid = cfg.grid_size if cfg.rel_pos_bias else None
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None],
-                             persistent=False)
+        add_position_embedding(self, "pos_embed", cfg.hidden_size, cfg.grid_size, cfg.learn_pos_embed)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
         self.encoder = Encoder(cfg, cfg.encoder_depth, grid)
@@ -128,9 +137,10 @@ class DiffusionTransformer(nn.Module):
             self.restore = MaskTokenDecoderInput(cfg)
             decoder_width, decoder_heads = cfg.decoder_hidden_size, cfg.decoder_num_heads or cfg.num_heads
             self.decoder_cond = nn.Linear(cfg.hidden_size, decoder_width)  # condition at decoder width
-        self.input_skip = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size) if cfg.input_skip else None
+        # MDTv2: every decoder block fuses the input embedding through its own skip projection.
         self.decoder = nn.ModuleList(
-            Block(decoder_width, decoder_heads, cfg.mlp_ratio, grid_size=grid, backend=cfg.attention_backend)
+            Block(decoder_width, decoder_heads, cfg.mlp_ratio, grid_size=grid, skip=cfg.input_skip,
+                  backend=cfg.attention_backend)
             for _ in range(cfg.decoder_depth)
         )
         self.final_layer = FinalLayer(decoder_width, cfg.patch_size, cfg.out_channels)
@@ -192,11 +202,10 @@ class DiffusionTransformer(nn.Module):
         h = self.encoder(h, c, keep)
         if self.restore is not None:
             h = self.restore(h, c, keep, mask)  # (B, N, D_dec)
-        if self.input_skip is not None:
-            h = self.input_skip(torch.cat([h, tokens], dim=-1))
         c_dec = self.decoder_cond(c) if self.decoder_cond is not None else c
+        input_skip = tokens if self.config.input_skip else None
         for block in self.decoder:
-            h = block(h, c_dec)
+            h = block(h, c_dec, skip=input_skip)
         return self.unpatchify(self.final_layer(h, c_dec))  # (B, C_out, H, W)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

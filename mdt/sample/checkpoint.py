@@ -15,6 +15,7 @@ from typing import Any
 
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
+from mdt.models.io import check_format
 
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
@@ -89,7 +90,7 @@ def _read_diffusion(path: Path) -> ScheduleConfig:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read the JSON records of a checkpoint (not the weights); a missing diffusion.json means DiT's defaults."""
     export = resolve_export_dir(path)
-    model_config = _read_json(export / MODEL_CONFIG)
+    model_config = check_format(export / MODEL_CONFIG, _read_json(export / MODEL_CONFIG))
     diffusion_path = export / DIFFUSION_FILE
     diffusion = _read_diffusion(diffusion_path) if diffusion_path.is_file() else ScheduleConfig()
     manifest_path = export / MANIFEST_FILE
