@@ -5,7 +5,9 @@ All randomness (timesteps, noise, class dropout, masks) comes from `generator`, 
 seeds it per step makes each step reproducible. Objectives know nothing of DeepSpeed.
 
 - DiT: eps MSE (+ Min-SNR weighting) + the VLB term that trains the learned-range variance.
-- MDT/MDTv2: the same loss on a full pass and on a masked pass of the same latents, summed 1:1.
+- MDT/MDTv2: the same loss on a full pass and on a masked pass of the same latents at the same
+  timesteps, summed 1:1; each pass draws its own noise and class dropout, as the official trainer's
+  two `training_losses` calls do.
 - MaskDiT: the loss on visible patches only + `mae_weight` x MAE on masked patches, whose target is
   the noisy input x_t normalised per patch.
 """
@@ -95,16 +97,25 @@ class DiffusionObjective:
         self.class_dropout = class_dropout
         self.denoising_loss = DenoisingLoss(schedule, learn_sigma=learn_sigma, min_snr_gamma=min_snr_gamma)
 
+    def draw_timesteps(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
+                          device=generator_device(generator))
+        return t.to(x0.device)
+
+    def draw_noise_and_labels(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise, and labels with class dropout to the null class, from `generator`."""
+        device = generator_device(generator)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        drop = torch.rand(x0.shape[0], generator=generator, device=device) < self.class_dropout
+        y = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        return noise.to(x0.device), y
+
     def draw(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Timesteps, noise and labels with dropout to the null class, from `generator`."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        b = x0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
-        drop = torch.rand(b, generator=generator, device=device) < self.class_dropout
-        y = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
-        return t.to(x0.device), noise.to(x0.device), y
+        """Timesteps, noise and dropped labels for one pass."""
+        t = self.draw_timesteps(x0, generator)
+        return (t, *self.draw_noise_and_labels(x0, y, generator))
 
     def pass_loss(self, model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                   noise: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -120,9 +131,11 @@ class DiffusionObjective:
 
 
 class MDTObjective(DiffusionObjective):
-    """MDT/MDTv2: the DiT loss on a full pass plus on a masked pass of the same x_t, summed 1:1.
+    """MDT/MDTv2: the DiT loss on a full pass plus on a masked pass at the same timesteps, summed 1:1.
 
-    The mask ratio is drawn once per batch from [mask_ratio, mask_ratio + mask_ratio_span].
+    Each pass draws its own noise and class dropout (the official model drops labels inside each
+    forward). The mask ratio is drawn once per batch, as float32, from
+    [mask_ratio, mask_ratio + mask_ratio_span]; int(N (1 - ratio)) tokens are kept.
     """
 
     def __init__(self, schedule: NoiseSchedule, *, grid_size: int, mask_ratio: float = 0.3,
@@ -137,14 +150,18 @@ class MDTObjective(DiffusionObjective):
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> LossOutput:
-        t, noise, y = self.draw(x0, y, generator)
-        xt = self.schedule.q_sample(x0.float(), t, noise)
-        device = generator.device if generator is not None else torch.device("cpu")
-        ratio = self.mask_ratio + self.mask_ratio_span * torch.rand((), generator=generator, device=device).item()
+        t = self.draw_timesteps(x0, generator)
+        ratio = self.mask_ratio
+        if self.mask_ratio_span:
+            drawn = torch.rand((), generator=generator, device=generator_device(generator)).cpu()
+            ratio = drawn * self.mask_ratio_span + self.mask_ratio  # float32, as the official draw
         mask = self.masker(x0.shape[0], self.grid_size, ratio, generator=generator, device=x0.device)
-        full = self.pass_loss(model, x0, xt, t, y, noise)
-        masked = self.pass_loss(model, x0, xt, t, y, noise, mask)
-        return combine({"full_": full, "masked_": masked})
+        passes = {}
+        for name, pass_mask in (("full_", None), ("masked_", mask)):
+            noise, y_pass = self.draw_noise_and_labels(x0, y, generator)
+            xt = self.schedule.q_sample(x0.float(), t, noise)
+            passes[name] = self.pass_loss(model, x0, xt, t, y_pass, noise, pass_mask)
+        return combine(passes)
 
 
 class MaskDiTObjective(DiffusionObjective):
@@ -189,6 +206,10 @@ class MaskDiTObjective(DiffusionObjective):
         b, c, _, _ = x.shape
         g, p = self.grid_size, self.patch_size
         return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c)
+
+
+def generator_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def combine(passes: dict[str, dict[str, torch.Tensor]]) -> LossOutput:
