@@ -54,7 +54,7 @@ def test_outputs(reference: Path) -> None:
     assert (reference / "grid.png").is_file()
     config = json.loads((reference / "sample_config.json").read_text())
     assert config["sampler"] == "ddpm" and config["steps"] == 3 and config["guidance"]["scale"] == 4.0
-    assert config["scheduler"] == "DDPMScheduler" and config["timesteps"] == [999, 500, 0]
+    assert config["spacing"] == "even" and config["timesteps"] == [0, 500, 999]  # ADM: round(499.5) = 500
     assert not list(reference.glob(".*.tmp"))
 
 

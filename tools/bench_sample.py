@@ -18,12 +18,13 @@ import time
 import torch
 
 from benchmark_utils import emit, machine, synchronize, time_call
+from mdt.diffusion.respacing import sampling_timesteps
 from mdt.diffusion.schedule import ScheduleConfig
 from mdt.models import create_model
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.run import PRECISIONS
 from mdt.sample.samplers import SAMPLERS
-from mdt.sample.seeding import initial_noise, noise_generators
+from mdt.sample.seeding import initial_noise, noise_generators, per_sample_noise
 
 
 class CountingModel(torch.nn.Module):
@@ -82,7 +83,8 @@ def main() -> None:
 
         def run(steps: int, name: str = name, gens: list = gens, noise: torch.Tensor = noise) -> None:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                SAMPLERS[name](guided, noise, labels, diffusion=diffusion, steps=steps, generators=gens)
+                SAMPLERS[name](guided, noise, labels, diffusion=diffusion, step_noise=per_sample_noise(gens),
+                               timesteps=sampling_timesteps(diffusion.num_timesteps, steps))
 
         run(2)  # warm up kernels and the scheduler construction path
         counter.rows = 0

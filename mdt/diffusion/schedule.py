@@ -42,9 +42,12 @@ def make_betas(cfg: ScheduleConfig) -> np.ndarray:
 
 
 class NoiseSchedule:
-    def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
+    """The tables of a discrete process with the betas of `cfg`, or with `betas` given directly (a
+    respaced process, see `respaced`)."""
+
+    def __init__(self, cfg: ScheduleConfig = ScheduleConfig(), *, betas: np.ndarray | None = None):
         self.config = cfg
-        betas = make_betas(cfg)
+        betas = make_betas(cfg) if betas is None else np.asarray(betas, dtype=np.float64)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -52,6 +55,7 @@ class NoiseSchedule:
         self.num_timesteps = cfg.num_timesteps
         self.betas = as_tensor(betas)
         self.alphas_cumprod = as_tensor(alphas_cumprod)
+        self.alphas_cumprod_prev = as_tensor(alphas_cumprod_prev)
         self.sqrt_alphas_cumprod = as_tensor(np.sqrt(alphas_cumprod))
         self.sqrt_one_minus_alphas_cumprod = as_tensor(np.sqrt(1.0 - alphas_cumprod))
         self.sqrt_recip_alphas_cumprod = as_tensor(np.sqrt(1.0 / alphas_cumprod))
@@ -65,9 +69,17 @@ class NoiseSchedule:
             (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
         self.snr_values = as_tensor(alphas_cumprod / (1.0 - alphas_cumprod))
         self.log_betas = as_tensor(np.log(betas))
+        # ADM's "fixed large" variance (learn_sigma off): beta_t, with the posterior's value at t = 0.
+        self.fixed_large_log_variance = as_tensor(np.log(np.append(posterior_variance[1], betas[1:])))
         self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def _gather(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def respaced(self, timesteps: list[int]) -> NoiseSchedule:
+        """The process that visits only `timesteps` (ascending), as ADM's SpacedDiffusion builds it:
+        beta'_i = 1 - abar(t_i) / abar(t_{i-1}), so that abar'_i = abar(t_i)."""
+        kept = self.alphas_cumprod.numpy()[list(timesteps)]
+        return NoiseSchedule(self.config, betas=1.0 - kept / np.append(1.0, kept[:-1]))
+
+    def gather(self, values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """values[t] as float32, shaped to broadcast over a (B, ...) tensor of `ndim` dims.
 
         Each table is copied to t's device once: a copy from host memory makes the host wait for
@@ -82,32 +94,40 @@ class NoiseSchedule:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return (self._gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
-                + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
+        return (self.gather(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
+                + self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0.dim()) * noise)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._gather(self.posterior_mean_coef1, t, xt.dim()) * x0
-                + self._gather(self.posterior_mean_coef2, t, xt.dim()) * xt)
-        return mean, self._gather(self.posterior_log_variance_clipped, t, xt.dim()).expand_as(xt)
+        mean = (self.gather(self.posterior_mean_coef1, t, xt.dim()) * x0
+                + self.gather(self.posterior_mean_coef2, t, xt.dim()) * xt)
+        return mean, self.gather(self.posterior_log_variance_clipped, t, xt.dim()).expand_as(xt)
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (self._gather(self.sqrt_recip_alphas_cumprod, t, xt.dim()) * xt
-                - self._gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()) * eps)
+        return (self.gather(self.sqrt_recip_alphas_cumprod, t, xt.dim()) * xt
+                - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()) * eps)
 
-    def p_mean_logvar(self, eps: torch.Tensor, var_values: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return ((self.gather(self.sqrt_recip_alphas_cumprod, t, xt.dim()) * xt - x0)
+                / self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()))
+
+    def p_mean_logvar(self, eps: torch.Tensor, var_values: torch.Tensor | None, xt: torch.Tensor,
+                      t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """p(x_{t-1} | x_t) from predicted noise and the learned-range variance output in [-1, 1].
 
-        The log-variance interpolates between the posterior's (lower) and beta_t (upper) bound.
+        The log-variance interpolates between the posterior's (lower) and beta_t (upper) bound;
+        without a variance output (`None`) it is ADM's fixed-large one.
         """
-        min_log = self._gather(self.posterior_log_variance_clipped, t, xt.dim())
-        max_log = self._gather(self.log_betas, t, xt.dim())
-        frac = (var_values + 1) / 2
-        logvar = frac * max_log + (1 - frac) * min_log
+        if var_values is None:
+            logvar = self.gather(self.fixed_large_log_variance, t, xt.dim()).expand_as(xt)
+        else:
+            min_log = self.gather(self.posterior_log_variance_clipped, t, xt.dim())
+            max_log = self.gather(self.log_betas, t, xt.dim())
+            frac = (var_values + 1) / 2
+            logvar = frac * max_log + (1 - frac) * min_log
         mean, _ = self.q_posterior(self.predict_x0(xt, t, eps), xt, t)
         return mean, logvar
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        return self._gather(self.snr_values, t, 1)
+        return self.gather(self.snr_values, t, 1)

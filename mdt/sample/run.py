@@ -18,21 +18,21 @@ import torch
 from tqdm import tqdm
 
 from mdt import distributed as dist
+from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
 from mdt.sample.samplers import SAMPLERS
-from mdt.sample.schedulers import SCHEDULERS
-from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes
+from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes, per_sample_noise
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
-_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "guidance", "classes", "seed", "vae", "precision")
+_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "guidance", "classes", "seed", "vae", "precision")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class SampleConfig:
     num_samples: int
     sampler: str = "ddpm"
     steps: int | None = None  # None: DEFAULT_STEPS[sampler]
+    spacing: str = "even"  # which timesteps: ADM's "N" (even) or "ddimN" (ddim); see mdt.diffusion.respacing
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     classes: str = "random"
     seed: int = 0
@@ -64,12 +65,19 @@ class SampleResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def _validate(config: SampleConfig, checkpoint: Checkpoint) -> int:
+def _validate(config: SampleConfig, checkpoint: Checkpoint) -> list[int]:
+    """Check the settings; the timesteps the sampler visits."""
     if config.sampler not in SAMPLERS:
         raise UserError(f"--sampler {config.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+    if config.spacing not in SPACINGS:
+        raise UserError(f"--spacing {config.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}.")
     steps = config.steps or DEFAULT_STEPS[config.sampler]
     if not 1 <= steps <= checkpoint.diffusion.num_timesteps:
         raise UserError(f"--steps {steps} is out of range; pick 1..{checkpoint.diffusion.num_timesteps}.")
+    try:
+        timesteps = sampling_timesteps(checkpoint.diffusion.num_timesteps, steps, config.spacing)
+    except ValueError as err:
+        raise UserError(f"--steps {steps} --spacing {config.spacing}: {err}.") from None
     if config.num_samples < 1:
         raise UserError(f"--num-samples {config.num_samples} must be at least 1.")
     if config.batch_size < 1:
@@ -84,7 +92,7 @@ def _validate(config: SampleConfig, checkpoint: Checkpoint) -> int:
         raise UserError(f"--cfg-channels {g.channels} is out of range; the latents have {c} channels.")
     if g.enabled and checkpoint.num_classes < 1:
         raise UserError("--cfg-scale needs a class-conditional model; this checkpoint has no classes, use 1.")
-    return steps
+    return timesteps
 
 
 def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torch.device) -> Any:
@@ -110,12 +118,13 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
     return vae
 
 
-def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_spec: str) -> dict[str, Any]:
-    scheduler = SCHEDULERS[config.sampler](checkpoint.diffusion, steps)
+def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int], vae_spec: str
+                ) -> dict[str, Any]:
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
-        "steps": steps,
+        "steps": len(timesteps),
+        "spacing": config.spacing,
         "guidance": asdict(config.guidance),
         "classes": config.classes,
         "seed": config.seed,
@@ -126,8 +135,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, steps: int, vae_sp
         "model_config": checkpoint.model_config,
         "class_names": checkpoint.class_names,
         "diffusion": checkpoint.diffusion.to_dict(),
-        "scheduler": type(scheduler).__name__,
-        "timesteps": [int(t) for t in scheduler.timesteps],
+        "timesteps": timesteps,
         "seeding": "sample i: torch CPU generators seeded by numpy SeedSequence(seed, spawn_key=(i, stream))",
     }
 
@@ -157,10 +165,10 @@ def run_sampling(config: SampleConfig) -> SampleResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(config.device) if config.device else dist.default_device()
     checkpoint = read_checkpoint(config.ckpt)
-    steps = _validate(config, checkpoint)
+    timesteps = _validate(config, checkpoint)
     classes = parse_classes(config.classes, checkpoint.num_classes)
     vae = _load_autoencoder(checkpoint, config.vae, device)
-    record = _run_record(config, checkpoint, steps, vae.spec)
+    record = _run_record(config, checkpoint, timesteps, vae.spec)
 
     from mdt.models import load_pretrained
 
@@ -200,7 +208,8 @@ def run_sampling(config: SampleConfig) -> SampleResult:
         labels = torch.tensor(class_labels(classes, config.seed, indices, checkpoint.num_classes), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             latents = sampler(
-                denoiser, noise, labels, diffusion=checkpoint.diffusion, steps=steps, generators=generators
+                denoiser, noise, labels, diffusion=checkpoint.diffusion, timesteps=timesteps,
+                step_noise=per_sample_noise(generators),
             )
         with torch.no_grad():  # the whole batch, for the same reason: decoding is a float kernel too
             images = to_uint8(vae.decode(latents.float()))

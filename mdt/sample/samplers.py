@@ -1,102 +1,104 @@
-"""Samplers: pure functions with one shared signature, each stepping a diffusers scheduler.
+"""Samplers: pure functions with one shared signature.
 
-    sampler(denoiser, noise, labels, *, diffusion, steps, generators) -> x0 latents
+    sampler(denoiser, noise, labels, *, diffusion, timesteps, step_noise) -> x0 latents
 
 `denoiser(x, t, y)` returns the model's raw output, (B, C, H, W) or (B, 2C, H, W) with learned
-sigma (guidance, if any, is already inside it). `generators` holds one CPU generator per sample;
-stochastic samplers draw every step's noise from them, so sample i depends only on its own seed.
+sigma (guidance, if any, is already inside it); it is called with original-timeline timesteps.
+`timesteps` are the visited steps, ascending (`mdt.diffusion.respacing`). `step_noise(x)` returns
+fresh N(0, I) noise shaped like x for stochastic samplers; `mdt sample` draws it from one generator
+per sample, so sample i depends only on its own seed.
+
+DDPM and DDIM compute what ADM's `p_sample_loop` / `ddim_sample_loop` (DiT, MDT) compute, on the
+respaced process and with ADM's float64 tables; DPM-Solver++ steps diffusers' scheduler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor
 
-from mdt.diffusion.schedule import ScheduleConfig
-from mdt.sample.schedulers import ddim_scheduler, ddpm_scheduler, dpmpp_scheduler
+from mdt.diffusion.schedule import NoiseSchedule, ScheduleConfig, make_betas
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepNoise = Callable[[Tensor], Tensor]
 
 
 class Sampler(Protocol):
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        noise: Tensor,
-        labels: Tensor,
-        *,
-        diffusion: ScheduleConfig,
-        steps: int,
-        generators: list[torch.Generator],
-    ) -> Tensor: ...
+    def __call__(self, denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
+                 timesteps: list[int], step_noise: StepNoise) -> Tensor: ...
 
 
-def _run_chain(
-    scheduler: Any,
-    denoiser: Denoiser,
-    noise: Tensor,
-    labels: Tensor,
-    *,
-    mean_only: bool,
-    step_kwargs: dict[str, Any],
-) -> Tensor:
-    x = noise * scheduler.init_noise_sigma
-    channels = noise.shape[1]
-    for t in scheduler.timesteps:
-        t_batch = t.to(x.device).expand(x.shape[0])  # (B,) original-timeline timesteps
-        out = denoiser(x, t_batch, labels).float()  # (B, C or 2C, H, W)
-        if mean_only:
-            out = out[:, :channels]
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+def _split(out: Tensor, channels: int, learn_sigma: bool) -> tuple[Tensor, Tensor | None]:
+    out = out.float()
+    return out[:, :channels], (out[:, channels:] if learn_sigma else None)
+
+
+def _respaced_steps(diffusion: ScheduleConfig, timesteps: list[int], x: Tensor
+                    ) -> tuple[NoiseSchedule, list[tuple[int, Tensor, Tensor]]]:
+    """The respaced process and its steps from the noisiest: (i, chain index (B,), original t (B,))."""
+    chain = NoiseSchedule(diffusion).respaced(timesteps)
+    b = x.shape[0]
+    steps = [(i, torch.full((b,), i, device=x.device), torch.full((b,), t, device=x.device))
+             for i, t in reversed(list(enumerate(timesteps)))]
+    return chain, steps
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
+                timesteps: list[int], step_noise: StepNoise) -> Tensor:
+    """Ancestral DDPM with the learned-range variance (or ADM's fixed-large one), DiT's sampler."""
+    chain, steps = _respaced_steps(diffusion, timesteps, noise)
+    x = noise.float()
+    for i, index, t in steps:
+        eps, var_values = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
+        mean, logvar = chain.p_mean_logvar(eps, var_values, x, index)
+        z = step_noise(x)  # drawn at every step, the last too, as ADM draws it
+        x = mean + torch.exp(0.5 * logvar) * z if i > 0 else mean  # no noise into x_0
     return x
 
 
 @torch.no_grad()
-def sample_ddpm(
-    denoiser: Denoiser,
-    noise: Tensor,
-    labels: Tensor,
-    *,
-    diffusion: ScheduleConfig,
-    steps: int,
-    generators: list[torch.Generator],
-) -> Tensor:
-    """Ancestral DDPM with the learned variance, respaced to `steps` (DiT's sampler; 250 steps in the papers)."""
-    scheduler = ddpm_scheduler(diffusion, steps)
-    return _run_chain(scheduler, denoiser, noise, labels, mean_only=False, step_kwargs={"generator": generators})
+def sample_ddim(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
+                timesteps: list[int], step_noise: StepNoise) -> Tensor:
+    """Deterministic DDIM (eta = 0): eps is recomputed from the predicted x0, as ADM does."""
+    chain, steps = _respaced_steps(diffusion, timesteps, noise)
+    x = noise.float()
+    for _, index, t in steps:
+        eps, _ = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
+        x0 = chain.predict_x0(x, index, eps)
+        eps = chain.predict_eps(x, index, x0)
+        abar_prev = chain.gather(chain.alphas_cumprod_prev, index, x.dim())
+        x = x0 * abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps
+    return x
+
+
+def dpmpp_scheduler(diffusion: ScheduleConfig, timesteps: list[int]) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M, data prediction) on the given timesteps. variance_type stays None: its
+    learned-variance branch keeps channels [:3] only, wrong for 4-channel latents, so the sampler
+    hands it the C mean channels. Latents are unbounded: never threshold x0."""
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=diffusion.num_timesteps, trained_betas=make_betas(diffusion).tolist(),
+        prediction_type=diffusion.prediction_type, thresholding=False, algorithm_type="dpmsolver++",
+        solver_order=2, lower_order_final=True, final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(timesteps=sorted(timesteps, reverse=True))
+    return scheduler
 
 
 @torch.no_grad()
-def sample_ddim(
-    denoiser: Denoiser,
-    noise: Tensor,
-    labels: Tensor,
-    *,
-    diffusion: ScheduleConfig,
-    steps: int,
-    generators: list[torch.Generator],
-) -> Tensor:
-    """Deterministic DDIM (eta = 0); DDIMScheduler does not split a 2C output, so it gets the C eps channels."""
-    scheduler = ddim_scheduler(diffusion, steps)
-    return _run_chain(scheduler, denoiser, noise, labels, mean_only=True, step_kwargs={"eta": 0.0})
-
-
-@torch.no_grad()
-def sample_dpmpp(
-    denoiser: Denoiser,
-    noise: Tensor,
-    labels: Tensor,
-    *,
-    diffusion: ScheduleConfig,
-    steps: int,
-    generators: list[torch.Generator],
-) -> Tensor:
+def sample_dpmpp(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
+                 timesteps: list[int], step_noise: StepNoise) -> Tensor:
     """DPM-Solver++(2M): deterministic, good images in 20-50 steps."""
-    scheduler = dpmpp_scheduler(diffusion, steps)
-    return _run_chain(scheduler, denoiser, noise, labels, mean_only=True, step_kwargs={})
+    scheduler = dpmpp_scheduler(diffusion, timesteps)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = denoiser(x, t.to(x.device).expand(x.shape[0]), labels).float()
+        x = scheduler.step(out[:, : noise.shape[1]], t, x).prev_sample
+    return x
 
 
 SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp}

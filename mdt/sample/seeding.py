@@ -6,6 +6,7 @@ no sample ever reads from a stream another sample has advanced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -33,6 +34,13 @@ def noise_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
 def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> Tensor:
     """x_T for each sample, (B, C, H, W), drawn on the CPU so every device gives the same numbers."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+
+def per_sample_noise(generators: list[torch.Generator]) -> Callable[[Tensor], Tensor]:
+    """A sampler's `step_noise`: each step's noise for sample i from sample i's own generator."""
+    def draw(like: Tensor) -> Tensor:
+        return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+    return draw
 
 
 ClassMode = Literal["random", "balanced"]
