@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from mdt.cli_checkpoints import export_command, import_command
 from mdt.distributed import print0
 from mdt.errors import UserError
 
@@ -201,6 +202,7 @@ def sample_command(
     num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
     sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++."),
     steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++."),
+    spacing: str = typer.Option("even", help="Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's 'ddimN' stride)."),
     cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale w; 1 disables guidance."),
     cfg_schedule: str = typer.Option("constant", help="constant | power-cosine (MDT: w_t ramps from 1 to w)."),
     cfg_power: float = typer.Option(4.0, help="Exponent s of the power-cosine schedule."),
@@ -230,7 +232,7 @@ def sample_command(
     result = run_sampling(
         SampleConfig(
             ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
-            steps=v["steps"], guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
+            steps=v["steps"], spacing=v["spacing"], guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
             batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
         )
     )
@@ -384,6 +386,10 @@ def plot_command(
             raise UserError(f"{run_summary} does not exist; the run has not finished, so there is no summary yet")
         merge_json(summary, {"train": json.loads(run_summary.read_text())})
     typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
+
+
+app.command("import")(import_command)
+app.command("export")(export_command)
 
 
 def main() -> None:

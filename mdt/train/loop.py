@@ -176,7 +176,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     else:
         if cfg.init_from:
             init_weights_dir, init_ema_dir = resolve_init_source(cfg.init_from)
-            check_same_autoencoder(_read_json(init_ema_dir / "data_manifest.json"), manifest, init_ema_dir)
+            recorded = init_ema_dir / "data_manifest.json"
+            if recorded.is_file():
+                check_same_autoencoder(_read_json(recorded), manifest, init_ema_dir)
+            else:  # an imported official checkpoint: its VAE is not on record
+                distributed.print0(f"mdt train: {init_ema_dir} records no data manifest (an imported checkpoint); "
+                                   f"{manifest.root} must be encoded with the VAE it was trained with")
         model_cfg = build_model_config(cfg, manifest, init_weights_dir)
     check_data_matches_model(manifest, model_cfg)
     train_shards, val_shards = split_shards(manifest, cfg.val_shards)

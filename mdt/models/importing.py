@@ -1,0 +1,202 @@
+"""`mdt import`: an official or diffusers checkpoint -> an mdt export folder.
+
+The export (`model.safetensors`, `model_config.json`, `diffusion.json`, `import.json`) is what
+`load_pretrained`, `mdt sample --ckpt` and `mdt train --init-from` read. It records no data
+manifest: the VAE the model was trained with is named at sampling (`--vae`).
+
+Files are read without unpickling arbitrary objects: `torch.load(weights_only=True)` with only
+`argparse.Namespace` allowed (DiT's `train.py` stores its arguments as one), unless the user
+passes `trust_pickle` for a file they trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from mdt.diffusion.schedule import ScheduleConfig
+from mdt.errors import UserError
+from mdt.fileio import write_json
+from mdt.models.config import ModelConfig
+from mdt.models.io import save_pretrained
+from mdt.models.official import OfficialCheckpoint, read_official, to_mdt_state_dict
+from mdt.models.registry import FAMILY_NAMES, model_config
+from mdt.models.transformer import DiffusionTransformer
+
+# Fields a preset fixes that the tensors also determine: a contradiction is refused.
+_SHAPE_FIELDS = ("hidden_size", "depth", "patch_size", "num_heads", "decoder_depth", "mlp_ratio")
+
+
+def load_checkpoint_file(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """The object in a .pt/.pth/.bin (safe unpickling) or .safetensors file."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise UserError(f"{path} is not a readable safetensors file ({err}); re-download it") from None
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path} needs full unpickling, which can run arbitrary code ({first}); pass "
+                        "--trust-pickle only if you trust where the file came from") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"{path} could not be read as a PyTorch checkpoint ({str(err).splitlines()[0]}); "
+                        "the file is truncated or not a checkpoint") from None
+
+
+def select_state_dict(obj: Any, source: Path) -> tuple[dict[str, Tensor], str]:
+    """A raw state_dict, or the EMA weights of a DiT/ADM-style training checkpoint dict."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{source} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(obj.get(key), dict) and all(isinstance(v, Tensor) for v in obj[key].values()):
+            return obj[key], f"the '{key}' entry"
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise UserError(f"{source} holds no tensors (keys {sorted(obj)[:8]}); it is not a model checkpoint")
+    return tensors, "a raw state_dict"
+
+
+def read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
+    """(mdt config fields, mdt state_dict) of a DiTTransformer2DModel folder or a pipeline's transformer/."""
+    from mdt.models.diffusers_dit import config_from_diffusers, state_dict_from_diffusers
+
+    root = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder} is a folder without config.json or transformer/config.json; pass a diffusers "
+                        "DiT folder (DiTTransformer2DModel or DiTPipeline) or a checkpoint file")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_path} could not be read as JSON ({err})") from None
+    index = root / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():  # sharded weights
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [root / name for name in shards]
+    else:
+        files = [p for p in (root / "diffusion_pytorch_model.safetensors", root / "diffusion_pytorch_model.bin")
+                 if p.is_file()][:1]
+    if not files:
+        raise UserError(f"{root} holds no diffusion_pytorch_model.safetensors (or .bin); the download is incomplete")
+    tensors: dict[str, Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path} is listed in {index.name} but missing; the download is incomplete")
+        tensors.update(load_checkpoint_file(path))
+    return config_from_diffusers(config), state_dict_from_diffusers(tensors, config)
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    known = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in sets:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise UserError(f"--set {item!r}: expected key=value with a model option ({', '.join(sorted(known))})")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = value
+    return out
+
+
+def resolve_config(model: str, dims: dict, family: str, sets: list[str], *, input_size: int | None = None,
+                   num_classes: int | None = None) -> ModelConfig:
+    """Sizes from the tensors, the rest from `model` (a preset such as DiT-XL/2, or a family name
+    such as DiT) and `--set`; refuse any contradiction, naming both sides."""
+    overrides = _parse_sets(sets)
+    for name, given in (("input_size", input_size), ("num_classes", num_classes)):
+        if given is not None and given != dims[name]:
+            raise UserError(f"--{name.replace('_', '-')} {given} contradicts the checkpoint, which holds {dims[name]}")
+    preset_family = FAMILY_NAMES.get(model.split("-")[0])
+    if preset_family is None:
+        raise UserError(f"--model {model!r} is not a model family or preset; use e.g. DiT-XL/2, MDT-XL/2 or MDTv2")
+    if preset_family != family:
+        raise UserError(f"the checkpoint is an official {family} model but --model {model} is {preset_family}; "
+                        "pass a --model of the checkpoint's family")
+    preset = model if "/" in model else f"{model}-S/2"  # a family alone: every size from the tensors
+    fields = model_config(preset).to_dict()
+    for key in _SHAPE_FIELDS:
+        if key in dims and key not in overrides and "/" in model and fields[key] != dims[key]:
+            raise UserError(f"--model {model} has {key}={fields[key]} but the checkpoint has {dims[key]}; "
+                            f"pass the matching preset or --set {key}={dims[key]}")
+    for key, value in overrides.items():
+        if key in dims and value != dims[key]:
+            raise UserError(f"--set {key}={value} contradicts the checkpoint, which holds {key}={dims[key]}")
+    if "/" not in model and "num_heads" not in dims and "num_heads" not in overrides:
+        raise UserError(f"the checkpoint does not say how many attention heads it has; pass --set num_heads=N "
+                        f"or a preset such as {model}-XL/2")
+    fields.update(dims)
+    fields.update(overrides)
+    fields["name"] = model if "/" in model else f"{model}-imported"
+    try:
+        return ModelConfig.from_dict(fields)
+    except ValueError as err:
+        raise UserError(f"the imported model is not valid: {err}") from None
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, Tensor], source: Path) -> DiffusionTransformer:
+    model = DiffusionTransformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise UserError(f"{source} does not fit {config.name}: missing {missing[:4]}, unexpected {extra[:4]}; "
+                        "the checkpoint is incomplete or was made with other settings")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but {config.name} needs "
+                            f"{tuple(expected[key].shape)}; check --model and --set")
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.eval()
+
+
+def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = (), input_size: int | None = None,
+                      num_classes: int | None = None, trust_pickle: bool = False) -> ModelConfig:
+    """Read `source`, write the export folder `out` (whole or not at all); returns the model config."""
+    source = Path(source)
+    out = Path(out)
+    if not source.exists():
+        raise UserError(f"{source} does not exist; pass an official checkpoint file or a diffusers DiT folder")
+    if out.exists():
+        raise UserError(f"{out} already exists; pass a new folder for the import")
+    if source.is_dir():
+        dims, state_dict = read_diffusers_folder(source)
+        family, fmt, what = "dit", "diffusers", "a diffusers DiTTransformer2DModel"
+    else:
+        tensors, what = select_state_dict(load_checkpoint_file(source, trust_pickle), source)
+        official: OfficialCheckpoint | None = read_official(tensors)
+        if official is None:
+            raise UserError(f"{source} ({what}) is not an official DiT, MDT or MDTv2 checkpoint: its keys start "
+                            f"{sorted(tensors)[:6]}; mdt import reads those and diffusers DiT folders")
+        family, dims, fmt = official.family, official.dims, f"official {official.family}"
+    config = resolve_config(model, dims, family, list(sets), input_size=input_size, num_classes=num_classes)
+    if not source.is_dir():
+        state_dict = to_mdt_state_dict(official, config.encoder_depth, config.grid_size)
+    network = build_model(config, state_dict, source)
+    staging = out.with_name(f".{out.name}.importing")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_pretrained(network, staging)
+        write_json(staging / "diffusion.json", ScheduleConfig(learn_sigma=config.learn_sigma).to_dict())
+        write_json(staging / "import.json", {"source": str(source.resolve()), "format": fmt, "read": what,
+                                             "vae": "not recorded: pass --vae to mdt sample"})
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return config

@@ -1,0 +1,142 @@
+"""The official DiT, MDT (v1) and MDTv2 state_dicts, read into mdt's model.
+
+Recognised by their keys (facebookresearch/DiT `models.py`; sail-sg/MDT `masked_diffusion/models.py`
+on branches `mdtv1` and `main`). Every size a tensor holds comes from the tensors; the rest (DiT's
+number of heads, MDTv1's side-interpolater position) from the caller. Key renames only, plus two
+checked reductions: the official relative-position table has 3 unused rows after the
+(2g-1)^2 offsets (dropped), and its index buffer is compared with mdt's and dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdt.errors import UserError
+from mdt.models.relative_position import RelativePositionBias
+
+FORMATS = ("dit", "mdt", "mdtv2")  # official formats by the mdt family they map to
+_REL_TABLE = ".attn.rel_pos_bias.relative_position_bias_table"
+_REL_INDEX = ".attn.rel_pos_bias.relative_position_index"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    family: str  # "dit" | "mdt" | "mdtv2"
+    dims: dict  # ModelConfig fields the tensors determine
+    state_dict: dict[str, Tensor]  # official key names, wrapper prefixes removed
+
+
+def strip_wrappers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def detect_format(keys: set[str]) -> str | None:
+    if "en_inblocks.0.adaLN_modulation.1.weight" in keys and "de_blocks.0.skip_linear.weight" in keys:
+        return "mdtv2"
+    if "sideblocks.0.adaLN_modulation.1.weight" in keys and "blocks.0.adaLN_modulation.1.weight" in keys:
+        return "mdt"
+    if "blocks.0.attn.qkv.weight" in keys and "y_embedder.embedding_table.weight" in keys:
+        return "dit"
+    return None
+
+
+def _count(keys: set[str], prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if found != set(range(len(found))):
+        raise UserError(f"the checkpoint's {prefix} are numbered {sorted(found)}, not 0..N-1; it is incomplete")
+    return len(found)
+
+
+def read_official(state_dict: dict[str, Tensor]) -> OfficialCheckpoint | None:
+    """The official format and the sizes its tensors hold, or None if the keys are not official."""
+    sd = strip_wrappers(state_dict)
+    keys = set(sd)
+    family = detect_format(keys)
+    if family is None:
+        return None
+    try:
+        patch_weight = sd["x_embedder.proj.weight"]  # (D, C, p, p)
+        hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[2]
+        tokens = sd["pos_embed"].shape[1]
+        grid = math.isqrt(tokens)
+        first = "en_inblocks.0" if family == "mdtv2" else "blocks.0"
+        out_features = sd["final_layer.linear.weight"].shape[0]
+        dims = dict(
+            hidden_size=hidden, in_channels=in_channels, patch_size=patch, input_size=grid * patch,
+            num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+            mlp_ratio=sd[f"{first}.mlp.fc1.weight"].shape[0] / hidden,
+            learn_sigma=out_features == 2 * patch * patch * in_channels,
+        )
+    except KeyError as err:
+        raise UserError(f"the checkpoint looks like an official {family} state_dict but lacks {err.args[0]}; "
+                        "it is incomplete or from another version of the code") from None
+    if grid * grid != tokens:
+        raise UserError(f"pos_embed holds {tokens} positions, not a square grid")
+    if family == "dit":
+        dims["depth"] = _count(keys, "blocks")
+    else:
+        dims["num_heads"] = sd[f"{first}{_REL_TABLE}"].shape[1]
+        if family == "mdt":
+            dims["depth"] = _count(keys, "blocks")
+        else:
+            half, outer, decoder = _count(keys, "en_inblocks"), _count(keys, "en_outblocks"), _count(keys, "de_blocks")
+            if half != outer:
+                raise UserError(f"the MDTv2 checkpoint has {half} en_inblocks but {outer} en_outblocks; "
+                                "they must pair up")
+            dims.update(depth=2 * half + decoder, decoder_depth=decoder)
+    return OfficialCheckpoint(family, dims, sd)
+
+
+def _rename(key: str, family: str, encoder_depth: int, half: int) -> str:
+    """The mdt name of an official key (relative-position keys are handled by the caller)."""
+    if key == "y_embedder.embedding_table.weight":
+        return "y_embedder.table.weight"
+    if key in ("mask_token", "decoder_pos_embed"):
+        return f"restore.{key}"
+    if key.startswith("sideblocks.0."):
+        return "restore.block." + key[len("sideblocks.0."):]
+    match = re.match(r"^(blocks|en_inblocks|en_outblocks|de_blocks)\.(\d+)\.(.*)$", key)
+    if match is None:
+        return key  # x_embedder, pos_embed, t_embedder, final_layer: same names
+    group, index, rest = match.group(1), int(match.group(2)), match.group(3)
+    if group == "en_outblocks":
+        index += half
+    if group == "de_blocks" or (group == "blocks" and family == "mdt" and index >= encoder_depth):
+        return f"decoder.{index - (encoder_depth if group == 'blocks' else 0)}.{rest}"
+    return f"encoder.blocks.{index}.{rest}"
+
+
+def to_mdt_state_dict(official: OfficialCheckpoint, encoder_depth: int, grid_size: int
+                      ) -> dict[str, Tensor]:
+    """Rename every official tensor to mdt's key; slice and check the relative-position tensors."""
+    half = encoder_depth // 2
+    offsets = (2 * grid_size - 1) ** 2
+    expected_index = RelativePositionBias(grid_size, 1).index if official.family != "dit" else None
+    out = {}
+    for key, value in official.state_dict.items():
+        if key.endswith(_REL_INDEX):
+            if not torch.equal(value.to(torch.long), expected_index):
+                raise UserError(f"{key} is not the relative-position index of a {grid_size}x{grid_size} grid; "
+                                "the checkpoint is not an official MDT one")
+            continue
+        if key.endswith(_REL_TABLE):
+            if value.shape[0] < offsets:
+                raise UserError(f"{key} has {value.shape[0]} rows, fewer than the {offsets} offsets of the grid")
+            owner = _rename(key[: -len(_REL_TABLE)] + ".x", official.family, encoder_depth, half)[: -len(".x")]
+            out[f"{owner}.rel_pos.table"] = value[:offsets]
+            continue
+        out[_rename(key, official.family, encoder_depth, half)] = value
+    return out
