@@ -28,7 +28,7 @@ from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.models.config import ModelConfig
 from mdt.models.io import save_pretrained
-from mdt.models.official import OfficialCheckpoint, read_official, to_mdt_state_dict
+from mdt.models.official import read_official, to_mdt_state_dict
 from mdt.models.registry import FAMILY_NAMES, model_config
 from mdt.models.transformer import DiffusionTransformer
 
@@ -143,7 +143,9 @@ def resolve_config(model: str, dims: dict, family: str, sets: list[str], *, inpu
                         f"or a preset such as {model}-XL/2")
     fields.update(dims)
     fields.update(overrides)
-    fields["name"] = model if "/" in model else f"{model}-imported"
+    sized_as_preset = "/" in model and not set(overrides) & set(_SHAPE_FIELDS)
+    fields["name"] = model if sized_as_preset else (
+        f"{model.split('-')[0]}-{fields['depth']}x{fields['hidden_size']}/{fields['patch_size']}")
     try:
         return ModelConfig.from_dict(fields)
     except ValueError as err:
@@ -175,19 +177,21 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
         raise UserError(f"{source} does not exist; pass an official checkpoint file or a diffusers DiT folder")
     if out.exists():
         raise UserError(f"{out} already exists; pass a new folder for the import")
+    checks = dict(input_size=input_size, num_classes=num_classes)
     if source.is_dir():
         dims, state_dict = read_diffusers_folder(source)
-        family, fmt, what = "dit", "diffusers", "a diffusers DiTTransformer2DModel"
+        config = resolve_config(model, dims, "dit", list(sets), **checks)
+        fmt, what = "diffusers", "a diffusers DiTTransformer2DModel"
     else:
         tensors, what = select_state_dict(load_checkpoint_file(source, trust_pickle), source)
-        official: OfficialCheckpoint | None = read_official(tensors)
+        official = read_official(tensors)
         if official is None:
             raise UserError(f"{source} ({what}) is not an official DiT, MDT or MDTv2 checkpoint: its keys start "
                             f"{sorted(tensors)[:6]}; mdt import reads those and diffusers DiT folders")
-        family, dims, fmt = official.family, official.dims, f"official {official.family}"
-    config = resolve_config(model, dims, family, list(sets), input_size=input_size, num_classes=num_classes)
-    if not source.is_dir():
+        config = resolve_config(model, official.dims, official.family, list(sets), **checks)
+        # The official layout maps onto mdt's once the encoder depth (MDTv1: from --set) is known.
         state_dict = to_mdt_state_dict(official, config.encoder_depth, config.grid_size)
+        fmt = f"official {official.family}"
     network = build_model(config, state_dict, source)
     staging = out.with_name(f".{out.name}.importing")
     shutil.rmtree(staging, ignore_errors=True)
