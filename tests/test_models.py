@@ -105,8 +105,12 @@ def test_compute_falls_with_mask_ratio(name):
         with counter, torch.no_grad():
             model(x, t, y, mask)
         flops[ratio] = counter.get_total_flops()
-    encoder_share = model.config.encoder_depth / (model.config.encoder_depth + model.config.decoder_depth + 1)
-    # The encoder does most of the work and halves (or better, attention is quadratic) at ratio 0.5.
+    cfg = model.config
+    # A block's cost per token grows with its width squared; MaskDiT's decoder is 512 wide at every size.
+    decoder_width = cfg.decoder_hidden_size or cfg.hidden_size
+    encoder = cfg.encoder_depth * cfg.hidden_size**2
+    encoder_share = encoder / (encoder + (cfg.decoder_depth + 1) * decoder_width**2)
+    # The encoder's share halves (or better, attention is quadratic) at ratio 0.5.
     assert flops[0.5] < flops[0.0] * (1 - 0.5 * encoder_share + 0.05)
 
 

@@ -27,17 +27,18 @@ class TransformerBlock(nn.Module):
     """Pre-norm attention + MLP, each scaled and shifted by the condition, gated, zero-initialised.
 
     With `skip=True` the block first fuses a long-skip input (U-ViT): Linear(concat(x, skip)).
+    `cond_dim` is the condition's width when it differs from the block's (MaskDiT's decoder).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, skip: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, cond_dim: int | None = None):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, backend)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
                 skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,15 +50,21 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """Conditioned norm, then a linear map of each token to its patch of output channels."""
+class ModulatedLinear(nn.Module):
+    """Conditioned norm (shift and scale from the condition), then a linear map: DiT's output layer
+    (each token to its patch of output channels) and MaskDiT's decoder layer (to the decoder width)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, out_features: int, *, cond_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class FinalLayer(ModulatedLinear):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, *, cond_dim: int | None = None):
+        super().__init__(dim, patch_size * patch_size * out_channels, cond_dim=cond_dim)

@@ -19,8 +19,9 @@ class ModelConfig:
       embeddings (`learn_pos_embed`) before the encoder and before the decoder.
     - MDTv2: as MDT, plus U-ViT long skips across the encoder (`long_skips`) and, in every decoder
       block, a skip projection over concat(tokens, input embedding) (`input_skip`).
-    - MaskDiT: `depth` encoder blocks on visible tokens, mask tokens, then `decoder_depth` light
-      blocks of width `decoder_hidden_size` on all tokens.
+    - MaskDiT: `depth` encoder blocks on visible tokens, a decoder layer (conditioned norm + linear)
+      to `decoder_hidden_size`, mask tokens, then `decoder_depth` blocks of that width on all
+      tokens, conditioned on the encoder-width condition; the null class embeds to zero.
     """
 
     name: str
@@ -42,11 +43,14 @@ class ModelConfig:
     long_skips: bool = False
     input_skip: bool = False
     learn_pos_embed: bool = False
+    null_embedding: str = "learned"  # the null class's embedding: "learned" (DiT, MDT) or "zero" (MaskDiT)
     attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.null_embedding not in ("learned", "zero"):
+            raise ValueError(f"null_embedding must be 'learned' or 'zero', got {self.null_embedding!r}")
         if self.restore not in RESTORES:
             raise ValueError(f"restore must be one of {RESTORES}, got {self.restore!r}")
         if self.input_size % self.patch_size:

@@ -59,16 +59,21 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding table with one extra row, index `num_classes`, for the null class.
+    """Class embedding table; label `num_classes` is the null class of classifier-free guidance.
 
-    Class dropout for classifier-free guidance is the training objective's job (it swaps labels for
-    the null index); this module has no randomness.
+    The null class has a learned row (DiT, MDT) or embeds to zero (`zero_null`: MaskDiT's bias-free
+    linear map of one-hot labels, whose null label is the zero vector). Class dropout is the
+    training objective's job (it swaps labels for the null index); this module has no randomness.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int):
+    def __init__(self, num_classes: int, hidden_size: int, *, zero_null: bool = False):
         super().__init__()
         self.num_classes = num_classes
-        self.table = nn.Embedding(num_classes + 1, hidden_size)
+        self.zero_null = zero_null
+        self.table = nn.Embedding(num_classes + (0 if zero_null else 1), hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.table(y)
+        if not self.zero_null:
+            return self.table(y)
+        real = y < self.num_classes
+        return self.table(torch.where(real, y, 0)) * real[:, None].to(self.table.weight.dtype)

@@ -33,7 +33,7 @@ from mdt.models.registry import FAMILY_NAMES, model_config
 from mdt.models.transformer import DiffusionTransformer
 
 # Fields a preset fixes that the tensors also determine: a contradiction is refused.
-_SHAPE_FIELDS = ("hidden_size", "depth", "patch_size", "num_heads", "decoder_depth", "mlp_ratio")
+_SHAPE_FIELDS = ("hidden_size", "depth", "patch_size", "num_heads", "decoder_depth", "decoder_hidden_size", "mlp_ratio")
 
 
 def load_checkpoint_file(path: Path, trust_pickle: bool = False) -> dict[str, Any]:

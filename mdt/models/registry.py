@@ -20,10 +20,10 @@ SIZES = {
 MDTV2_DECODER_DEPTH = {"T": 2, "S": 6, "B": 6, "L": 4, "XL": 4}
 # MDTv1 places the side-interpolater before the last 2 blocks at every size.
 MDT_DECODER_DEPTH = 2
-# MaskDiT's light decoder: (blocks, width, heads). XL is the paper's 8 x 512 (16 heads); smaller
-# sizes keep 8 blocks and scale the width with the encoder's (512/1152 of it, rounded to 64, 64 per
-# head), so the decoder stays a small fraction of the encoder's cost as in the paper.
-MASKDIT_DECODER = {"T": (2, 32, 2), "S": (8, 192, 3), "B": (8, 320, 5), "L": (8, 448, 7), "XL": (8, 512, 16)}
+# MaskDiT's decoder: (blocks, width, heads), the official 8 x 512 x 16 at every size (the official
+# code fixes it). T, mdt's own test size, gets a tiny one; a smaller decoder at another size is a
+# departure: --set decoder_depth=/decoder_hidden_size=/decoder_num_heads=.
+MASKDIT_DECODER = {"T": (2, 32, 2), "S": (8, 512, 16), "B": (8, 512, 16), "L": (8, 512, 16), "XL": (8, 512, 16)}
 
 FAMILY_PATCHES = {"DiT": (2, 4, 8), "MDT": (2,), "MDTv2": (2,), "MaskDiT": (2,)}
 FAMILY_NAMES = {"DiT": "dit", "MDT": "mdt", "MDTv2": "mdtv2", "MaskDiT": "maskdit"}  # preset prefix -> family
@@ -35,8 +35,9 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-                 learn_sigma: bool = True, **overrides) -> ModelConfig:
-    """The preset config for `name`, with any field overridden by keyword."""
+                 learn_sigma: bool | None = None, **overrides) -> ModelConfig:
+    """The preset config for `name`, with any field overridden by keyword. `learn_sigma` defaults to
+    the family's: on for DiT and MDT, off for MaskDiT (an EDM model)."""
     match = _NAME.match(name)
     if not match or int(match.group(3)) not in FAMILY_PATCHES[match.group(1)]:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
@@ -54,8 +55,10 @@ def model_config(name: str, *, input_size: int = 32, in_channels: int = 4, num_c
                       rel_pos_bias=True, long_skips=True, input_skip=True, learn_pos_embed=True)
     else:
         blocks, dec_width, dec_heads = MASKDIT_DECODER[size]
-        fields.update(family="maskdit", restore="mask_token", decoder_depth=blocks,
-                      decoder_hidden_size=dec_width, decoder_num_heads=dec_heads)
+        fields.update(family="maskdit", restore="mask_token", decoder_depth=blocks, decoder_hidden_size=dec_width,
+                      decoder_num_heads=dec_heads, null_embedding="zero")
+    if fields["learn_sigma"] is None:
+        fields["learn_sigma"] = family != "MaskDiT"
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(overrides) - known
     if unknown:

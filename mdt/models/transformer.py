@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mdt.models.blocks import FinalLayer, TransformerBlock
+from mdt.models.blocks import FinalLayer, ModulatedLinear, TransformerBlock
 from mdt.models.config import ModelConfig
 from mdt.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from mdt.models.masking import kept_indices
@@ -44,8 +44,8 @@ class Block(TransformerBlock):
     """A transformer block that owns its relative position bias, if the model uses one."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, grid_size: int | None,
-                 skip: bool = False, backend: str | None = None):
-        super().__init__(dim, num_heads, mlp_ratio, skip=skip, backend=backend)
+                 skip: bool = False, backend: str | None = None, cond_dim: int | None = None):
+        super().__init__(dim, num_heads, mlp_ratio, skip=skip, backend=backend, cond_dim=cond_dim)
         self.rel_pos = RelativePositionBias(grid_size, num_heads) if grid_size else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None = None,
@@ -99,19 +99,19 @@ class SideInterpolater(nn.Module):
 
 
 class MaskTokenDecoderInput(nn.Module):
-    """MaskDiT: project encoder tokens to the decoder width and fill dropped positions with a mask
-    token, then add the decoder's fixed position embedding."""
+    """MaskDiT: the decoder layer (conditioned norm + linear) maps encoder tokens to the decoder
+    width, a mask token fills the dropped positions, then the decoder's fixed position embedding."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_tokens = cfg.num_tokens
-        self.proj = nn.Linear(cfg.hidden_size, cfg.decoder_hidden_size)
+        self.decoder_layer = ModulatedLinear(cfg.hidden_size, cfg.decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_hidden_size))
         add_position_embedding(self, "pos_embed", cfg.decoder_hidden_size, cfg.grid_size, False)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.proj(x)
+        x = self.decoder_layer(x, c)
         if keep is not None:
             x = scatter_tokens(x, keep, self.mask_token, self.num_tokens)
         return x + self.pos_embed.to(x.dtype)
@@ -125,25 +125,24 @@ class DiffusionTransformer(nn.Module):
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)
         add_position_embedding(self, "pos_embed", cfg.hidden_size, cfg.grid_size, cfg.learn_pos_embed)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, zero_null=cfg.null_embedding == "zero")
         self.encoder = Encoder(cfg, cfg.encoder_depth, grid)
 
         decoder_width, decoder_heads = cfg.hidden_size, cfg.num_heads
         self.restore: nn.Module | None = None
-        self.decoder_cond: nn.Module | None = None
         if cfg.restore == "side_interpolater":
             self.restore = SideInterpolater(cfg, grid)
         elif cfg.restore == "mask_token":
             self.restore = MaskTokenDecoderInput(cfg)
             decoder_width, decoder_heads = cfg.decoder_hidden_size, cfg.decoder_num_heads or cfg.num_heads
-            self.decoder_cond = nn.Linear(cfg.hidden_size, decoder_width)  # condition at decoder width
         # MDTv2: every decoder block fuses the input embedding through its own skip projection.
+        # MaskDiT: the narrower decoder and the output layer are conditioned on the encoder-width c.
         self.decoder = nn.ModuleList(
             Block(decoder_width, decoder_heads, cfg.mlp_ratio, grid_size=grid, skip=cfg.input_skip,
-                  backend=cfg.attention_backend)
+                  backend=cfg.attention_backend, cond_dim=cfg.hidden_size)
             for _ in range(cfg.decoder_depth)
         )
-        self.final_layer = FinalLayer(decoder_width, cfg.patch_size, cfg.out_channels)
+        self.final_layer = FinalLayer(decoder_width, cfg.patch_size, cfg.out_channels, cond_dim=cfg.hidden_size)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -159,11 +158,13 @@ class DiffusionTransformer(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for module in self.modules():
-            if isinstance(module, (TransformerBlock, FinalLayer)):
+            if isinstance(module, (TransformerBlock, ModulatedLinear)):
                 nn.init.zeros_(module.adaLN_modulation[-1].weight)
                 nn.init.zeros_(module.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        for module in self.modules():  # output layer and MaskDiT's decoder layer start at zero
+            if isinstance(module, ModulatedLinear):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
         if self.restore is not None:
             nn.init.normal_(self.restore.mask_token, std=0.02)
 
@@ -202,11 +203,10 @@ class DiffusionTransformer(nn.Module):
         h = self.encoder(h, c, keep)
         if self.restore is not None:
             h = self.restore(h, c, keep, mask)  # (B, N, D_dec)
-        c_dec = self.decoder_cond(c) if self.decoder_cond is not None else c
         input_skip = tokens if self.config.input_skip else None
         for block in self.decoder:
-            h = block(h, c_dec, skip=input_skip)
-        return self.unpatchify(self.final_layer(h, c_dec))  # (B, C_out, H, W)
+            h = block(h, c, skip=input_skip)
+        return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""
