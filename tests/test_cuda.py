@@ -64,12 +64,12 @@ def test_a_training_forward_and_backward_waits_on_the_gpu_only_where_a_shape_nee
     shape) and MDT's per-batch mask ratio."""
     import warnings
 
-    from mdt.diffusion import NoiseSchedule, make_objective
+    from mdt.diffusion import make_objective
 
     model = create_model(f"{family}-T/2").cuda()
     cfg = model.config
-    objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
-                               patch_size=cfg.patch_size)
+    objective = make_objective(cfg.family, num_classes=cfg.num_classes, grid_size=cfg.grid_size,
+                               patch_size=cfg.patch_size, learn_sigma=cfg.learn_sigma)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.randn(4, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda")
     y = torch.randint(0, cfg.num_classes, (4,), device="cuda")

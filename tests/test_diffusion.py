@@ -5,7 +5,14 @@ import pytest
 import torch
 from model_helpers import FAMILIES_TINY
 
-from mdt.diffusion import DenoisingLoss, MaskDiTObjective, NoiseSchedule, ScheduleConfig, make_objective
+from mdt.diffusion import (
+    DenoisingLoss,
+    EDMConfig,
+    EDMObjective,
+    NoiseSchedule,
+    ScheduleConfig,
+    make_objective,
+)
 from mdt.models import create_model, random_mask
 
 
@@ -70,32 +77,31 @@ def test_min_snr_weighting_caps_the_mse_weight():
     torch.testing.assert_close(weighted, plain * torch.clamp(snr, max=5) / snr)
 
 
-def test_maskdit_loss_ignores_masked_patches_in_denoising_and_visible_ones_in_mae():
-    s = NoiseSchedule()
-    obj = MaskDiTObjective(s, num_classes=10, grid_size=2, patch_size=2)
-    mask = torch.tensor([[True, False, False, False]])
-    x0 = torch.zeros(1, 1, 4, 4)
-    noise = torch.ones_like(x0)
-    out = torch.zeros(1, 2, 4, 4)
-    t = torch.tensor([100])
-    weights = 1 - torch.tensor([[[[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]]])
-    base = obj.denoising_loss(out, x0, x0, t, noise, weights)["mse"]
-    out_changed = out.clone()
-    out_changed[:, 0, :2, :2] = 5.0  # only the masked patch changes
-    assert obj.denoising_loss(out_changed, x0, x0, t, noise, weights)["mse"] == base
-    xt = torch.randn(1, 1, 4, 4)
-    mae = obj.mae_loss(out[:, :1], xt, mask)
-    visible_changed = out[:, :1].clone()
+def test_maskdit_mae_term_sees_only_the_masked_patches():
+    obj = EDMObjective(EDMConfig(), num_classes=10, grid_size=2, patch_size=2, mask_ratio=0.5, mae_weight=0.1)
+    mask = torch.tensor([[True, False, False, False]])  # the top-left 2x2 patch is dropped
+    noisy = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    d = torch.zeros(1, 1, 4, 4)
+    mae = obj.mae_loss(d, noisy, mask)
+    visible_changed = d.clone()
     visible_changed[..., 2:, :] = 3.0
-    assert obj.mae_loss(visible_changed, xt, mask) == mae
-    masked_changed = out[:, :1].clone()
+    assert obj.mae_loss(visible_changed, noisy, mask) == mae
+    masked_changed = d.clone()
     masked_changed[..., :2, :2] = 3.0
-    assert obj.mae_loss(masked_changed, xt, mask) != mae
+    assert obj.mae_loss(masked_changed, noisy, mask) != mae
+
+
+def test_edm_objective_is_maskdits_default_and_refuses_mdt():
+    obj = make_objective("maskdit", num_classes=10, grid_size=4, patch_size=2, learn_sigma=False)
+    assert isinstance(obj, EDMObjective) and (obj.mask_ratio, obj.mae_weight) == (0.5, 0.1)
+    with pytest.raises(ValueError, match="DDPM only"):
+        make_objective("mdtv2", num_classes=10, grid_size=4, patch_size=2, diffusion=EDMConfig())
+    with pytest.raises(ValueError, match="trains with EDM"):
+        make_objective("maskdit", num_classes=10, grid_size=4, patch_size=2, diffusion=ScheduleConfig())
 
 
 def test_class_dropout_uses_the_null_class():
-    s = NoiseSchedule()
-    obj = make_objective("dit", s, num_classes=10, grid_size=4, patch_size=2, class_dropout=0.5)
+    obj = make_objective("dit", num_classes=10, grid_size=4, patch_size=2, class_dropout=0.5)
     y = torch.zeros(4000, dtype=torch.long)
     _, _, dropped = obj.draw(torch.zeros(4000, 1), y, torch.Generator().manual_seed(0))
     assert set(dropped.unique().tolist()) == {0, 10}
@@ -103,8 +109,7 @@ def test_class_dropout_uses_the_null_class():
 
 
 def test_mdtv2_draws_ratio_per_batch_in_range_and_runs_two_passes():
-    s = NoiseSchedule()
-    obj = make_objective("mdtv2", s, num_classes=10, grid_size=4, patch_size=2)
+    obj = make_objective("mdtv2", num_classes=10, grid_size=4, patch_size=2)
     assert (obj.mask_ratio, obj.mask_ratio_span, obj.denoising_loss.min_snr_gamma) == (0.3, 0.2, 5.0)
     model = create_model("MDTv2-T/2", input_size=8, num_classes=10)
     seen = []
@@ -116,24 +121,32 @@ def test_mdtv2_draws_ratio_per_batch_in_range_and_runs_two_passes():
 
 @pytest.mark.parametrize("name", FAMILIES_TINY)
 def test_each_objective_overfits_a_batch_of_eight(name):
+    """Measured on the objective's fixed-draw validation loss (EDM's training loss draws a log-normal
+    sigma per sample, too noisy to compare a few steps)."""
     torch.manual_seed(0)
     model = create_model(name, input_size=8, num_classes=10)
     cfg = model.config
-    obj = make_objective(cfg.family, NoiseSchedule(), num_classes=10, grid_size=cfg.grid_size,
-                         patch_size=cfg.patch_size)
+    obj = make_objective(cfg.family, num_classes=10, grid_size=cfg.grid_size, patch_size=cfg.patch_size,
+                         learn_sigma=cfg.learn_sigma)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(8, 4, 8, 8, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            terms = obj.validation_terms(model, x0, y, torch.arange(8), torch.Generator().manual_seed(1))
+        return sum(v.mean() for v in terms.values()).item()
+
+    first = fixed_loss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
     for _ in range(120):
         loss = obj(model, x0, y, gen).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    assert last < 0.6 * first, (first, last)
+    last = fixed_loss()
+    # EDM's loss is normalised to ~1 at every sigma and MaskDiT's sees half the tokens: it falls slower.
+    assert last < (0.85 if isinstance(obj, EDMObjective) else 0.6) * first, (first, last)
 
 
 def test_masks_drawn_by_objective_are_reproducible_from_the_generator():

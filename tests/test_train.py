@@ -87,17 +87,21 @@ def test_zero_stages_train_each_objective_on_two_ranks(pixel_latents, tmp_path, 
     assert [r["step"] for r in vals] == [20, 40]
     model_out = load_pretrained(run / "ema")
     x = torch.randn(2, 3, 8, 8)
-    assert model_out(x, torch.tensor([1, 500]), torch.tensor([0, 4])).shape == (2, 6, 8, 8)
+    channels = 6 if model_out.config.learn_sigma else 3  # MaskDiT (EDM) has no learned variance
+    assert model_out(x, torch.tensor([1, 500]), torch.tensor([0, 4])).shape == (2, channels, 8, 8)
+    formulation = json.loads((run / "ema" / "diffusion.json").read_text())["formulation"]
+    assert formulation == ("edm" if model.startswith("MaskDiT") else "ddpm")
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000040"]
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["final_step"] == 40 and "best_val_loss" in summary
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pixel_latents, tmp_path):
+@pytest.mark.parametrize("model", ["MDT-T/2", "MaskDiT-T/2"])  # DDPM two passes, EDM masked
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pixel_latents, tmp_path, model):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--deepspeed-config", "deepspeed_configs/zero2.json", "--ckpt-every", "100")
-    assert_ok(torchrun(*train_args(pixel_latents, straight, "MDT-T/2", 12, *common)))
-    assert_ok(torchrun(*train_args(pixel_latents, split, "MDT-T/2", 6, *common)))
+    assert_ok(torchrun(*train_args(pixel_latents, straight, model, 12, *common)))
+    assert_ok(torchrun(*train_args(pixel_latents, split, model, 6, *common)))
     assert_ok(torchrun("train", "--resume", str(split), "--steps", "12"))
     assert train_losses(split) == train_losses(straight)
     a, b = load_file(str(straight / "ema" / "model.safetensors")), load_file(str(split / "ema" / "model.safetensors"))

@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmark_utils import count_flops, emit, machine, matmul_peak, synchronize, time_call
-from mdt.diffusion import NoiseSchedule, make_objective
+from mdt.diffusion import make_objective
 from mdt.models import create_model
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
@@ -35,8 +35,8 @@ def make_step(name: str, args, device: torch.device):
     model = create_model(name)
     bare = copy.deepcopy(model)  # the same weights without DeepSpeed, for the reference pass
     cfg = model.config
-    objective = make_objective(cfg.family, NoiseSchedule(), num_classes=cfg.num_classes, grid_size=cfg.grid_size,
-                               patch_size=cfg.patch_size)
+    objective = make_objective(cfg.family, num_classes=cfg.num_classes, grid_size=cfg.grid_size,
+                               patch_size=cfg.patch_size, learn_sigma=cfg.learn_sigma)
     optimizer = adamw(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,

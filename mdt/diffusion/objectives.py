@@ -8,8 +8,7 @@ seeds it per step makes each step reproducible. Objectives know nothing of DeepS
 - MDT/MDTv2: the same loss on a full pass and on a masked pass of the same latents at the same
   timesteps, summed 1:1; each pass draws its own noise and class dropout, as the official trainer's
   two `training_losses` calls do.
-- MaskDiT: the loss on visible patches only + `mae_weight` x MAE on masked patches, whose target is
-  the noisy input x_t normalised per patch.
+(MaskDiT's EDM objective is in `edm.py`; `process.make_objective` picks an objective.)
 """
 
 from __future__ import annotations
@@ -36,10 +35,11 @@ def parameter_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def patch_mask_to_pixels(mask: torch.Tensor, grid_size: int, patch_size: int) -> torch.Tensor:
-    """(B, N) bool over tokens -> (B, 1, H, W) float over latent pixels."""
-    grid = mask.float().view(-1, 1, grid_size, grid_size)
-    return grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+def patchify(x: torch.Tensor, grid_size: int, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), each token's patch in (p, q, c) order."""
+    b, c, _, _ = x.shape
+    g, p = grid_size, patch_size
+    return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c)
 
 
 def masked_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -130,6 +130,16 @@ class DiffusionObjective:
         return combine({"": terms})
 
 
+    def validation_terms(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor,
+                         generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The plain loss (no mask, no class dropout) at fixed timesteps spread by sample index and
+        noise from `generator`: comparable across steps and runs."""
+        t = ((sample_ids * 7919) % self.schedule.num_timesteps).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        xt = self.schedule.q_sample(x0.float(), t, noise)
+        return self.pass_loss(model, x0, xt, t, y, noise)
+
+
 class MDTObjective(DiffusionObjective):
     """MDT/MDTv2: the DiT loss on a full pass plus on a masked pass at the same timesteps, summed 1:1.
 
@@ -164,50 +174,6 @@ class MDTObjective(DiffusionObjective):
         return combine(passes)
 
 
-class MaskDiTObjective(DiffusionObjective):
-    """MaskDiT: denoising loss on visible patches + `mae_weight` x MAE loss on masked patches.
-
-    `mask_ratio` is an attribute so that unmask tuning can lower it as training goes on; at 0 the
-    objective is the plain DiT loss over all tokens.
-    """
-
-    def __init__(self, schedule: NoiseSchedule, *, grid_size: int, patch_size: int, mask_ratio: float = 0.5,
-                 mae_weight: float = 0.1, masker: str = "random", **kwargs):
-        super().__init__(schedule, **kwargs)
-        check_ratio(mask_ratio)
-        self.grid_size = grid_size
-        self.patch_size = patch_size
-        self.mask_ratio = mask_ratio
-        self.mae_weight = mae_weight
-        self.masker = MASKERS[masker]
-
-    def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator | None = None) -> LossOutput:
-        check_ratio(self.mask_ratio)
-        t, noise, y = self.draw(x0, y, generator)
-        xt = self.schedule.q_sample(x0.float(), t, noise)
-        if self.mask_ratio == 0:
-            return combine({"": self.pass_loss(model, x0, xt, t, y, noise)})
-        mask = self.masker(x0.shape[0], self.grid_size, self.mask_ratio, generator=generator, device=x0.device)
-        out = model(xt.to(parameter_dtype(model)), t, y, mask)
-        dropped = patch_mask_to_pixels(mask, self.grid_size, self.patch_size)  # (B, 1, H, W)
-        terms = self.denoising_loss(out, x0.float(), xt, t, noise, weights=1 - dropped)
-        terms["mae"] = self.mae_weight * self.mae_loss(out[:, : x0.shape[1]].float(), xt, mask)
-        return combine({"": terms})
-
-    def mae_loss(self, prediction: torch.Tensor, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-sample MSE on masked patches against the per-patch normalised noisy input."""
-        pred, target = self.patchify(prediction), self.patchify(xt)  # (B, N, p*p*C)
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-        per_patch = ((pred - target) ** 2).mean(-1)  # (B, N)
-        return (per_patch * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, _, _ = x.shape
-        g, p = self.grid_size, self.patch_size
-        return x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c)
-
-
 def generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
@@ -217,24 +183,3 @@ def combine(passes: dict[str, dict[str, torch.Tensor]]) -> LossOutput:
     total = sum(term.mean() for terms in passes.values() for term in terms.values())
     parts = {f"{prefix}{name}": term.mean().detach() for prefix, terms in passes.items() for name, term in terms.items()}
     return LossOutput(loss=total, parts=parts)
-
-
-def make_objective(family: str, schedule: NoiseSchedule, *, num_classes: int, grid_size: int, patch_size: int,
-                   learn_sigma: bool = True, **options) -> DiffusionObjective:
-    """The objective of a model family, with the papers' defaults; `options` override them.
-
-    Defaults: MDT mask ratio 0.3; MDTv2 ratio in [0.3, 0.5] with Min-SNR-5; MaskDiT ratio 0.5 with
-    MAE weight 0.1; class dropout 0.1 for all.
-    """
-    common = {"num_classes": num_classes, "learn_sigma": learn_sigma}
-    if family == "dit":
-        return DiffusionObjective(schedule, **common, **options)
-    if family == "mdt":
-        return MDTObjective(schedule, grid_size=grid_size, **{"mask_ratio": 0.3, **common, **options})
-    if family == "mdtv2":
-        defaults = {"mask_ratio": 0.3, "mask_ratio_span": 0.2, "min_snr_gamma": 5.0}
-        return MDTObjective(schedule, grid_size=grid_size, **{**defaults, **common, **options})
-    if family == "maskdit":
-        return MaskDiTObjective(schedule, grid_size=grid_size, patch_size=patch_size,
-                                **{"mask_ratio": 0.5, **common, **options})
-    raise ValueError(f"no objective for model family {family!r}")

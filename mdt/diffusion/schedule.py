@@ -15,14 +15,19 @@ import torch
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """What a sampler needs to rebuild the schedule (written as `diffusion.json` with a model)."""
+    """What a sampler needs to rebuild the DDPM schedule (written as `diffusion.json` with a model)."""
 
+    formulation: str = "ddpm"
     num_timesteps: int = 1000
     beta_schedule: str = "linear"  # "linear" (DiT/MDT) or "cosine" (improved DDPM)
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
     learn_sigma: bool = True
+
+    def __post_init__(self) -> None:
+        if self.formulation != "ddpm":
+            raise ValueError(f"a ScheduleConfig has formulation 'ddpm', got {self.formulation!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from mdt import distributed
 from mdt.data.manifest import Manifest, read_manifest
 from mdt.data.reader import LatentLoader, iter_validation_batches
-from mdt.diffusion import DenoisingLoss, NoiseSchedule, ScheduleConfig, make_objective
+from mdt.diffusion import diffusion_from_dict, make_objective
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.models import DiffusionTransformer, ModelConfig, model_config, read_model_config
@@ -122,12 +123,10 @@ def split_shards(manifest: Manifest, val_shards: int) -> tuple[list[str], list[s
 
 
 @torch.no_grad()
-def validation_loss(engine: Engine, loss: DenoisingLoss, schedule: NoiseSchedule, data: str,
-                    shards: list[str], batch_size: int, num_batches: int) -> dict[str, float]:
-    """The plain denoising loss (no mask, no class dropout) at fixed timesteps and fixed noise.
-
-    Every rank evaluates the same batches (ZeRO-3 needs all ranks in each forward).
-    """
+def validation_loss(engine: Engine, objective: Any, data: str, shards: list[str], batch_size: int,
+                    num_batches: int) -> dict[str, float]:
+    """The objective's plain loss (no mask, no class dropout) at fixed timesteps or sigmas and fixed
+    noise. Every rank evaluates the same batches (ZeRO-3 needs all ranks in each forward)."""
     totals: dict[str, float] = {}
     count = 0
     for index, batch in enumerate(iter_validation_batches(data, batch_size, VALIDATION_SEED, shards=shards)):
@@ -136,12 +135,9 @@ def validation_loss(engine: Engine, loss: DenoisingLoss, schedule: NoiseSchedule
         x0 = batch["latents"].to(engine.device)
         b = x0.shape[0]
         sample_ids = torch.arange(count, count + b)
-        t = ((sample_ids * 7919) % schedule.num_timesteps).to(engine.device)  # spread over [0, T)
         gen = torch.Generator().manual_seed(_mix(VALIDATION_SEED, index))
-        noise = torch.randn(x0.shape, generator=gen).to(engine.device)
-        xt = schedule.q_sample(x0, t, noise)
-        out = engine(xt.to(engine.dtype), t, batch["labels"].to(engine.device))
-        for name, value in loss(out.float(), x0, xt, t, noise).items():
+        terms = objective.validation_terms(engine, x0, batch["labels"].to(engine.device), sample_ids, gen)
+        for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + value.sum().item()
         count += b
     if count == 0:
@@ -190,12 +186,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     model = DiffusionTransformer(model_cfg)
     if init_weights_dir is not None:
         model.load_state_dict(read_weights(init_weights_dir))
-    schedule_cfg = ScheduleConfig(**{**cfg.diffusion, "learn_sigma": model_cfg.learn_sigma})
-    schedule = NoiseSchedule(schedule_cfg)
-    try:
-        objective = make_objective(model_cfg.family, schedule, num_classes=model_cfg.num_classes,
+    try:  # DDPM or EDM: the recipe's `diffusion:` section, else the family's formulation
+        diffusion = diffusion_from_dict({**cfg.diffusion, "learn_sigma": model_cfg.learn_sigma},
+                                        family=model_cfg.family)
+        objective = make_objective(model_cfg.family, diffusion=diffusion, num_classes=model_cfg.num_classes,
                                    grid_size=model_cfg.grid_size, patch_size=model_cfg.patch_size,
                                    learn_sigma=model_cfg.learn_sigma, **cfg.objective)
+    except ValueError as err:
+        raise UserError(f"{model_cfg.name} with diffusion settings {cfg.diffusion or '{}'}: {err}") from None
     except TypeError as err:
         raise UserError(f"objective settings {cfg.objective} do not fit the {model_cfg.family} objective: {err}") from err
     base_mask_ratio = getattr(objective, "mask_ratio", 0.0)
@@ -240,9 +238,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             ema_weights = engine.full_fp32_params()
         if distributed.is_main():
             folder = run.checkpoints / tag
-            diffusion = schedule_cfg.to_dict()
-            write_export(folder / "ema", model, ema_weights, diffusion, data_manifest)
-            write_export(folder / "weights", model, weights, diffusion, data_manifest)
+            write_export(folder / "ema", model, ema_weights, diffusion.to_dict(), data_manifest)
+            write_export(folder / "weights", model, weights, diffusion.to_dict(), data_manifest)
             run.mark_latest(tag, step)
             replace_folder(folder / "ema", run.ema)
             run.prune(cfg.keep_last)
@@ -310,8 +307,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             bar.update(1)
 
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                val = validation_loss(engine, objective.denoising_loss, schedule, cfg.data, val_shards,
-                                      cfg.micro_batch, cfg.val_batches)
+                val = validation_loss(engine, objective, cfg.data, val_shards, cfg.micro_batch, cfg.val_batches)
                 log.write({"step": step, **val, "wall_time_s": time.perf_counter() - wall_start})
             if flags[1] > 0:
                 save(step)
