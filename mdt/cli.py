@@ -200,8 +200,10 @@ def sample_command(
     out: Path = typer.Option(None, help="Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
     config: Path = typer.Option(None, help=RECIPE_HELP + " (sample:)"),
     num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
-    sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++."),
-    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++."),
+    sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++; edm-heun for EDM "
+                                             "models (MaskDiT)."),
+    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++, 40 edm-heun."),
+    churn: float = typer.Option(0.0, help="edm-heun: EDM's S_churn (0 = deterministic; EDM's ImageNet S_min/max/noise)."),
     spacing: str = typer.Option("even", help="Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's 'ddimN' stride)."),
     cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale w; 1 disables guidance."),
     cfg_schedule: str = typer.Option("constant", help="constant | power-cosine (MDT: w_t ramps from 1 to w)."),
@@ -232,7 +234,7 @@ def sample_command(
     result = run_sampling(
         SampleConfig(
             ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
-            steps=v["steps"], spacing=v["spacing"], guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
+            steps=v["steps"], spacing=v["spacing"], churn=float(v["churn"]), guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
             batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
         )
     )

@@ -11,6 +11,7 @@ import torch
 from model_helpers import randomize
 from torch import nn
 
+from mdt.diffusion.edm import EDMConfig
 from mdt.diffusion.schedule import ScheduleConfig
 from mdt.fileio import write_json
 from mdt.models import create_model, save_pretrained
@@ -30,13 +31,17 @@ def make_export(
     kind: str = "autoencoder-kl",
     scaling_factor: float = 0.18215,
     learn_sigma: bool = True,
+    edm: bool = False,
 ) -> Path:
-    """An EMA export folder as the trainer writes it: weights, model config, diffusion.json, manifest."""
+    """An EMA export folder as the trainer writes it: weights, model config, diffusion.json (DDPM, or
+    EDM with `edm`), manifest."""
     c, h, _ = latent_shape
+    learn_sigma = learn_sigma and not edm
     model = randomize(create_model(model_name, input_size=h, in_channels=c, num_classes=NUM_CLASSES,
                                    learn_sigma=learn_sigma))
     save_pretrained(model, directory)
-    write_json(directory / "diffusion.json", ScheduleConfig(learn_sigma=learn_sigma).to_dict())
+    diffusion = EDMConfig() if edm else ScheduleConfig(learn_sigma=learn_sigma)
+    write_json(directory / "diffusion.json", diffusion.to_dict())
     write_json(directory / "data_manifest.json", {
         "format": "mdt-latents",
         "resolution": resolution,

@@ -7,12 +7,12 @@ including the VAE). A training run folder holds its latest export at `RUN/ema/`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mdt.diffusion.process import DiffusionConfig, diffusion_from_dict
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
 from mdt.models.io import check_format
@@ -27,7 +27,7 @@ MANIFEST_FILE = "data_manifest.json"
 class Checkpoint:
     export_dir: Path
     model_config: dict[str, Any]
-    diffusion: ScheduleConfig
+    diffusion: DiffusionConfig
     manifest: dict[str, Any] | None
 
     @property
@@ -74,15 +74,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_diffusion(path: Path) -> ScheduleConfig:
-    data = _read_json(path)
-    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+def _read_diffusion(path: Path, family: str | None) -> DiffusionConfig:
     try:
-        diffusion = ScheduleConfig(**{k: v for k, v in data.items() if k in known})
-        make_betas(diffusion)
+        diffusion = diffusion_from_dict(_read_json(path), family=family)
+        if isinstance(diffusion, ScheduleConfig):
+            make_betas(diffusion)
     except (TypeError, ValueError) as err:
         raise UserError(f"{path} does not describe a diffusion process this version knows ({err}); re-export the checkpoint.") from None
-    if diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):
+    if isinstance(diffusion, ScheduleConfig) and diffusion.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UserError(f"{path}: prediction_type {diffusion.prediction_type!r} is unknown; re-export the checkpoint.")
     return diffusion
 
@@ -92,7 +91,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     export = resolve_export_dir(path)
     model_config = check_format(export / MODEL_CONFIG, _read_json(export / MODEL_CONFIG))
     diffusion_path = export / DIFFUSION_FILE
-    diffusion = _read_diffusion(diffusion_path) if diffusion_path.is_file() else ScheduleConfig()
+    diffusion = (_read_diffusion(diffusion_path, model_config.get("family")) if diffusion_path.is_file()
+                 else ScheduleConfig())
     manifest_path = export / MANIFEST_FILE
     manifest = _read_json(manifest_path) if manifest_path.is_file() else None
     learn_sigma = bool(model_config.get("learn_sigma", diffusion.learn_sigma))

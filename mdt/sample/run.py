@@ -7,10 +7,11 @@ number of processes and any number of interruptions give the same bytes for a gi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +19,22 @@ import torch
 from tqdm import tqdm
 
 from mdt import distributed as dist
+from mdt.diffusion.edm import EDMConfig, karras_sigmas
 from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
-from mdt.sample.samplers import SAMPLERS
+from mdt.sample.samplers import EDM_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
 from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes, per_sample_noise
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25, "edm-heun": 40}  # edm-heun: MaskDiT's evaluation
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
-_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "guidance", "classes", "seed", "vae", "precision")
+_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "churn", "guidance", "classes", "seed", "vae", "precision")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class SampleConfig:
     sampler: str = "ddpm"
     steps: int | None = None  # None: DEFAULT_STEPS[sampler]
     spacing: str = "even"  # which timesteps: ADM's "N" (even) or "ddimN" (ddim); see mdt.diffusion.respacing
+    churn: float = 0.0  # EDM's S_churn for edm-heun (0: deterministic), with EDM's ImageNet S_min/S_max/S_noise
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     classes: str = "random"
     seed: int = 0
@@ -65,19 +68,42 @@ class SampleResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def _validate(config: SampleConfig, checkpoint: Checkpoint) -> list[int]:
-    """Check the settings; the timesteps the sampler visits."""
+def _visited_points(config: SampleConfig, checkpoint: Checkpoint) -> list[int] | list[float]:
+    """DDPM timesteps (ascending) or EDM sigmas (descending to 0), refusing a sampler of the other kind."""
+    diffusion, edm_sampler = checkpoint.diffusion, config.sampler in EDM_SAMPLERS
+    steps = config.steps or DEFAULT_STEPS[config.sampler]
+    if isinstance(diffusion, EDMConfig):
+        if not edm_sampler:
+            raise UserError(f"--sampler {config.sampler} samples DDPM models, but {checkpoint.export_dir} is an EDM "
+                            f"model (MaskDiT); use --sampler {EDM_SAMPLERS[0]}.")
+        if config.guidance.schedule != "constant":
+            raise UserError(f"--cfg-schedule {config.guidance.schedule} is defined over DDPM timesteps; EDM models "
+                            "take a constant --cfg-scale.")
+        if steps < 2:
+            raise UserError(f"--steps {steps}: the EDM sampler needs at least 2 steps.")
+        return karras_sigmas(diffusion, steps)
+    if edm_sampler:
+        raise UserError(f"--sampler {config.sampler} samples EDM models, but {checkpoint.export_dir} is a DDPM model; "
+                        "use ddpm, ddim or dpm++.")
+    if config.churn:
+        raise UserError("--churn belongs to the EDM sampler; DDPM's ancestral sampler is stochastic already.")
+    if not 1 <= steps <= diffusion.num_timesteps:
+        raise UserError(f"--steps {steps} is out of range; pick 1..{diffusion.num_timesteps}.")
+    try:
+        return sampling_timesteps(diffusion.num_timesteps, steps, config.spacing)
+    except ValueError as err:
+        raise UserError(f"--steps {steps} --spacing {config.spacing}: {err}.") from None
+
+
+def _validate(config: SampleConfig, checkpoint: Checkpoint) -> list[int] | list[float]:
+    """Check the settings; the timesteps (DDPM) or sigmas (EDM) the sampler visits."""
     if config.sampler not in SAMPLERS:
         raise UserError(f"--sampler {config.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
     if config.spacing not in SPACINGS:
         raise UserError(f"--spacing {config.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}.")
-    steps = config.steps or DEFAULT_STEPS[config.sampler]
-    if not 1 <= steps <= checkpoint.diffusion.num_timesteps:
-        raise UserError(f"--steps {steps} is out of range; pick 1..{checkpoint.diffusion.num_timesteps}.")
-    try:
-        timesteps = sampling_timesteps(checkpoint.diffusion.num_timesteps, steps, config.spacing)
-    except ValueError as err:
-        raise UserError(f"--steps {steps} --spacing {config.spacing}: {err}.") from None
+    if config.churn < 0:
+        raise UserError(f"--churn {config.churn} must be at least 0.")
+    timesteps = _visited_points(config, checkpoint)
     if config.num_samples < 1:
         raise UserError(f"--num-samples {config.num_samples} must be at least 1.")
     if config.batch_size < 1:
@@ -125,6 +151,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[in
         "sampler": config.sampler,
         "steps": len(timesteps),
         "spacing": config.spacing,
+        "churn": config.churn,
         "guidance": asdict(config.guidance),
         "classes": config.classes,
         "seed": config.seed,
@@ -177,7 +204,7 @@ def run_sampling(config: SampleConfig) -> SampleResult:
         model,
         config.guidance,
         null_class=checkpoint.num_classes,
-        num_timesteps=checkpoint.diffusion.num_timesteps,
+        num_timesteps=getattr(checkpoint.diffusion, "num_timesteps", 1),  # read by DDPM's power-cosine only
         latent_channels=checkpoint.latent_shape[0],
     )
 
@@ -196,6 +223,9 @@ def run_sampling(config: SampleConfig) -> SampleResult:
     dist.barrier()
     mine = pending[rank::world]
     sampler = SAMPLERS[config.sampler]
+    if config.sampler in EDM_SAMPLERS:
+        sampler = functools.partial(sampler, churn=replace(IMAGENET_CHURN, s_churn=config.churn) if config.churn
+                                    else Churn())
     dtype = PRECISIONS[config.precision]
 
     bar = tqdm(total=len(pending) * size, unit="img", disable=not (config.progress and rank == 0), desc="sampling")
