@@ -91,6 +91,14 @@ def test_maskdit_mae_term_sees_only_the_masked_patches():
     assert obj.mae_loss(masked_changed, noisy, mask) != mae
 
 
+def test_dit_trains_under_edm_as_an_unmasked_baseline():
+    obj = make_objective("dit", num_classes=10, grid_size=4, patch_size=2, learn_sigma=False, diffusion=EDMConfig())
+    assert isinstance(obj, EDMObjective) and obj.mask_ratio == 0
+    model = create_model("DiT-T/2", input_size=8, num_classes=10, learn_sigma=False)
+    out = obj(model, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert set(out.parts) == {"denoise"} and torch.isfinite(out.loss)
+
+
 def test_edm_objective_is_maskdits_default_and_refuses_mdt():
     obj = make_objective("maskdit", num_classes=10, grid_size=4, patch_size=2, learn_sigma=False)
     assert isinstance(obj, EDMObjective) and (obj.mask_ratio, obj.mae_weight) == (0.5, 0.1)

@@ -140,3 +140,19 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
         assert isinstance(result.exception, UserError), result.output
         assert words in str(result.exception) and "\n" not in str(result.exception)
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("drop", ["decoder_layer.linear.weight", "decoder_blocks.1.mlp.fc2.weight"])
+def test_a_maskdit_checkpoint_of_unexpected_layout_is_refused_in_one_sentence(tmp_path: Path, drop: str) -> None:
+    from mdt.errors import UserError
+
+    tensors, _ = _load("maskdit.safetensors")
+    state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
+    del state_dict[f"model.{drop}"]
+    torch.save({"ema": state_dict}, tmp_path / "ckpt.pt")
+    result = mdt_import(tmp_path / "ckpt.pt", tmp_path / "out", "MaskDiT", ["num_heads=4", "decoder_num_heads=2"])
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert "maskdit" in message.lower() and "\n" not in message
+    assert drop.rsplit(".", 2)[-2] in message  # names the missing tensor (decoder_layer's linear, a block's fc2)
+    assert not (tmp_path / "out").exists()

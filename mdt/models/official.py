@@ -48,8 +48,8 @@ def strip_wrappers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def detect_format(keys: set[str]) -> str | None:
-    if "decoder_layer.linear.weight" in keys and "decoder_blocks.0.adaLN_modulation.1.weight" in keys:
-        return "maskdit"
+    if any(key.startswith(("decoder_layer.", "decoder_blocks.")) for key in keys):
+        return "maskdit"  # a missing tensor is then named by read_official, not mistaken for a DiT
     if "en_inblocks.0.adaLN_modulation.1.weight" in keys and "de_blocks.0.skip_linear.weight" in keys:
         return "mdtv2"
     if "sideblocks.0.adaLN_modulation.1.weight" in keys and "blocks.0.adaLN_modulation.1.weight" in keys:
