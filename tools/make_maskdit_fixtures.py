@@ -47,16 +47,14 @@ import functools
 import importlib.util
 import io
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import types
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from fixture_utils import atomic_write, check_checkout, save_fixture
 
 MASKDIT_COMMIT = "73cfb96ca9c6d1d78ab567ffeea099f96692a6e4"
 SEED = 0
@@ -71,23 +69,6 @@ SAMPLER = dict(num_steps=6, sigma_min=0.002, sigma_max=80, rho=7)  # edm_sampler
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 ALIASES = ("models", "models.maskdit", "utils", "train_utils", "train_utils.helper", "train_utils.loss",
            "lmdb", "autoencoder", "sample")
-
-
-def check_checkout(directory: Path, commit: str) -> bool:
-    """Fail if ``directory`` is a git work tree at another commit; warn if that cannot be checked."""
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
-        return run.stdout.strip() if run.returncode == 0 else ""
-
-    top, head, dirty = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD"), git("status", "-s")
-    if not top or Path(top).resolve() != directory.resolve():
-        warnings.warn(f"{directory} is not a git work tree: cannot check it is at {commit}", stacklevel=2)
-        return False
-    if head != commit:
-        raise SystemExit(f"{directory} is at {head}, expected {commit}")
-    if dirty:
-        warnings.warn(f"{directory} has local changes:\n{dirty}", stacklevel=2)
-    return not dirty
 
 
 def import_official(root: Path) -> types.SimpleNamespace:
@@ -160,28 +141,6 @@ def stored_masks(masks: dict, prefix: str) -> dict:
     """An official mask_dict as fixture tensors: mask as bool (True = removed), ids_keep, ids_restore."""
     return {f"{prefix}.mask": masks["mask"] == 1, f"{prefix}.ids_keep": masks["ids_keep"],
             f"{prefix}.ids_restore": masks["ids_restore"]}
-
-
-def atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    print(f"wrote {path} ({path.stat().st_size} bytes)")
-
-
-def save_fixture(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-    for key, value in tensors.items():
-        assert value.dtype in (torch.float32, torch.float64, torch.int64, torch.bool), f"{key}: {value.dtype}"
-        assert not value.is_floating_point() or torch.isfinite(value).all(), f"{key} is not finite"
-    meta = json.dumps(meta, sort_keys=True, default=str)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fixture": meta}))
 
 
 def make_network(official, net, out: Path, meta: dict) -> None:

@@ -39,15 +39,13 @@ import importlib.util
 import inspect
 import io
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from fixture_utils import atomic_write, check_checkout, save_fixture
 
 DIT_COMMIT = "ed81ce2229091fd4ecc9a223645f95cf379d582b"
 MDTV2_COMMIT = "7d26c2162c462bd0b90f97f3a1c36cdaaac616ec"
@@ -62,23 +60,6 @@ MDTV2_KWARGS = dict(SMALL, depth=6, mlp_ratio=4.0, class_dropout_prob=0.1, mask_
 MDTV1_KWARGS = dict(SMALL, depth=5, mask_ratio=0.3, decode_layer=2)
 CFG_SCALE = 4.0
 RESPACING_COUNTS = [*range(1, 301), 333, 500, 999, 1000]
-
-
-def check_checkout(directory: Path, commit: str) -> bool:
-    """Fail if ``directory`` is a git work tree at another commit; warn if that cannot be checked."""
-    def git(*args: str) -> str:
-        run = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True)
-        return run.stdout.strip() if run.returncode == 0 else ""
-
-    top, head, dirty = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD"), git("status", "-s")
-    if not top or Path(top).resolve() != directory.resolve():
-        warnings.warn(f"{directory} is not a git work tree: cannot check it is at {commit}", stacklevel=2)
-        return False
-    if head != commit:
-        raise SystemExit(f"{directory} is at {head}, expected {commit}")
-    if dirty:
-        warnings.warn(f"{directory} has local changes:\n{dirty}", stacklevel=2)
-    return not dirty
 
 
 def import_path(name: str, path: Path, package: bool = False):
@@ -164,27 +145,9 @@ def mask_tensors(calls, prefix: str) -> tuple[dict, dict]:
     return {f"{prefix}.mask": mask == 1, f"{prefix}.ids_keep": ids_keep}, meta
 
 
-def atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    print(f"wrote {path} ({path.stat().st_size} bytes)")
-
-
-def save_fixture(path: Path, model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    tensors = {**{f"state_dict.{k}": v for k, v in model.state_dict().items()}, **tensors}
-    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-    for key, value in tensors.items():
-        assert value.dtype in (torch.float32, torch.int64, torch.bool), f"{key}: {value.dtype}"
-        assert not value.is_floating_point() or torch.isfinite(value).all(), f"{key} is not finite"
-    meta = json.dumps(meta, sort_keys=True)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fixture": meta}))
+def save_model_fixture(path: Path, model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The official model's state_dict under "state_dict.<key>", beside the given tensors."""
+    save_fixture(path, {**{f"state_dict.{k}": v for k, v in model.state_dict().items()}, **tensors}, meta)
 
 
 def cfg_sample(diffusion, model, loop: str, z: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -245,7 +208,7 @@ def make_dit(models, diffusion_pkg, gd, out: Path, meta: dict) -> None:
     tensors.update(respacing_table(diffusion_pkg.space_timesteps, "ddim_", "ddim{}", range(1, 301)))
     meta["respacing"] = {"num_timesteps": 1000, "counts_format": "{N}", "ddim_counts_format": "ddim{N}",
                          "steps": "sorted space_timesteps of each N, concatenated; lengths[i] steps for N"}
-    save_fixture(out / "dit.safetensors", model, tensors, meta)
+    save_model_fixture(out / "dit.safetensors", model, tensors, meta)
 
 
 def official_losses(diffusion, model, x0, t, model_kwargs, noise):
@@ -293,7 +256,7 @@ def make_mdt(path: Path, cls, kwargs: dict, pkg, meta: dict) -> None:
                          "model_mean_type": diffusion.model_mean_type.name,
                          "model_var_type": diffusion.model_var_type.name,
                          "num_timesteps": diffusion.num_timesteps}
-    save_fixture(path, model, tensors, meta)
+    save_model_fixture(path, model, tensors, meta)
 
 
 def make_param_counts(path: Path, specs: dict) -> None:
