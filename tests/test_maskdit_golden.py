@@ -129,6 +129,7 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
         assert result.exit_code == 0, result.output
         record = json.loads((out / churn / "sample_config.json").read_text())
         assert record["timesteps"][0] == pytest.approx(80.0) and record["timesteps"][-1] == 0.0
+        assert record["steps"] == 3 and len(record["timesteps"]) == 4 and record["churn"] == float(churn)
     assert (out / "0" / "000000.png").read_bytes() != (out / "40" / "000000.png").read_bytes()
     for ckpt, args, words in [
         (edm, ["--sampler", "ddpm"], "EDM model"),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 import shutil
 from pathlib import Path
+from pickle import UnpicklingError  # the error of a refused weights_only load
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def load_checkpoint_file(path: Path, trust_pickle: bool = False) -> dict[str, An
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{path} needs full unpickling, which can run arbitrary code ({first}); pass "
                         "--trust-pickle only if you trust where the file came from") from None

@@ -144,12 +144,12 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
     return vae
 
 
-def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int], vae_spec: str
+def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int] | list[float], vae_spec: str
                 ) -> dict[str, Any]:
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
-        "steps": len(timesteps),
+        "steps": config.steps or DEFAULT_STEPS[config.sampler],
         "spacing": config.spacing,
         "churn": config.churn,
         "guidance": asdict(config.guidance),
