@@ -62,6 +62,20 @@ def test_fid_of_a_set_with_itself_is_zero_and_npz_equals_folder(data, tmp_path: 
     assert json.loads((tmp_path / "c.json").read_text())["fid"] == pytest.approx(other["fid"])
 
 
+def test_a_folder_written_by_mdt_sample_is_read_without_its_grid(data, tmp_path: Path) -> None:
+    """mdt sample writes grid.png (another size) beside {i:06d}.png: FID reads exactly the samples."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for path in sorted(data["samples"].glob("*.png")):
+        (folder / path.name).write_bytes(path.read_bytes())
+    Image.new("RGB", (768, 220)).save(folder / "grid.png")
+    Image.new("RGB", (32, 32)).save(folder / "notes.png")  # same size: would be counted silently
+    ref = tmp_path / "ref.npz"
+    make_reference(data["samples"], ref, 32, opts=_opts(data))
+    result = evaluate(folder, ref, out=tmp_path / "m.json", opts=_opts(data))
+    assert result["num_samples"] == N and result["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
 def test_reference_folder_is_center_cropped_and_cached(data, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = evaluate(data["samples"], data["wide"], out=tmp_path / "m.json", opts=_opts(data), cache_dir=cache)

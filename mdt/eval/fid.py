@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from mdt.eval.stats import FeatureStats, fid, kid
 from mdt.fileio import merge_json
 
 STATS_FORMAT = "mdt-fid-stats"
+SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # mdt.sample.images.sample_path: {i:06d}.png
 
 
 @dataclass
@@ -57,6 +59,13 @@ def _check_count(found: int, num: int | None, what: str) -> int:
     return found if num is None else num
 
 
+def sample_files(folder: Path) -> list[Path]:
+    """The samples of a folder: `mdt sample`'s {i:06d}.png files in index order when there are any
+    (never its grid.png or other images), else every image in the folder."""
+    numbered = sorted((p for p in folder.glob("*.png") if SAMPLE_NAME.fullmatch(p.name)), key=lambda p: int(p.stem))
+    return numbered or list_images(folder, recursive=False)
+
+
 def sample_features(samples: Path, num: int | None, net: FeatureNetwork, opts: FeatureOptions) -> tuple[np.ndarray, int]:
     """Features of the first `num` samples (all when None) and their resolution."""
     if samples.is_file() and samples.suffix == ".npz":
@@ -73,7 +82,7 @@ def sample_features(samples: Path, num: int | None, net: FeatureNetwork, opts: F
         return array_features(images[:count], net, batch_size=opts.batch_size), int(images.shape[1])
     if not samples.is_dir():
         raise UserError(f"--samples {samples} is neither a folder of images nor an .npz file; pass one of those.")
-    files = list_images(samples, recursive=False)
+    files = sample_files(samples)
     count = _check_count(len(files), num, f"--samples {samples}")
     width, height = common_resolution(files)
     if width != height:
