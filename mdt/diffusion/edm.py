@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdt.diffusion.objectives import LossOutput, combine, generator_device, parameter_dtype, patchify
+from mdt.diffusion.objectives import (
+    LossOutput,
+    check_dropout,
+    combine,
+    drop_labels,
+    generator_device,
+    parameter_dtype,
+    patchify,
+)
 from mdt.models.masking import MASKERS, check_ratio
 
 
@@ -85,8 +93,7 @@ class EDMObjective:
                  class_dropout: float = 0.1, mask_ratio: float = 0.0, mae_weight: float = 0.0,
                  masker: str = "random"):
         check_ratio(mask_ratio)
-        if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class dropout must be in [0, 1), got {class_dropout}")
+        check_dropout(class_dropout)
         self.cfg = cfg
         self.num_classes = num_classes
         self.grid_size = grid_size
@@ -129,8 +136,7 @@ class EDMObjective:
         b = x0.shape[0]
         sigma = (torch.randn(b, generator=generator, device=device) * self.cfg.p_std + self.cfg.p_mean).exp()
         noise = torch.randn(x0.shape, generator=generator, device=device)
-        drop = torch.rand(b, generator=generator, device=device) < self.class_dropout
-        y = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
+        y = drop_labels(y, self.num_classes, self.class_dropout, generator)
         mask = None
         if self.mask_ratio > 0:
             mask = self.masker(b, self.grid_size, self.mask_ratio, generator=generator, device=x0.device)

@@ -90,8 +90,7 @@ class DiffusionObjective:
 
     def __init__(self, schedule: NoiseSchedule, *, num_classes: int, class_dropout: float = 0.1,
                  learn_sigma: bool = True, min_snr_gamma: float | None = None):
-        if not 0.0 <= class_dropout < 1.0:
-            raise ValueError(f"class dropout must be in [0, 1), got {class_dropout}")
+        check_dropout(class_dropout)
         self.schedule = schedule
         self.num_classes = num_classes
         self.class_dropout = class_dropout
@@ -107,9 +106,7 @@ class DiffusionObjective:
         """Noise, and labels with class dropout to the null class, from `generator`."""
         device = generator_device(generator)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
-        drop = torch.rand(x0.shape[0], generator=generator, device=device) < self.class_dropout
-        y = torch.where(drop.to(y.device), torch.full_like(y, self.num_classes), y)
-        return noise.to(x0.device), y
+        return noise.to(x0.device), drop_labels(y, self.num_classes, self.class_dropout, generator)
 
     def draw(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,6 +173,18 @@ class MDTObjective(DiffusionObjective):
 
 def generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def check_dropout(class_dropout: float) -> None:
+    if not 0.0 <= class_dropout < 1.0:
+        raise ValueError(f"class dropout must be in [0, 1), got {class_dropout}")
+
+
+def drop_labels(y: torch.Tensor, num_classes: int, class_dropout: float, generator: torch.Generator | None
+                ) -> torch.Tensor:
+    """Each label becomes the null class `num_classes` with probability `class_dropout` (one draw per sample)."""
+    drop = torch.rand(y.shape[0], generator=generator, device=generator_device(generator)) < class_dropout
+    return torch.where(drop.to(y.device), torch.full_like(y, num_classes), y)
 
 
 def combine(passes: dict[str, dict[str, torch.Tensor]]) -> LossOutput:

@@ -149,7 +149,7 @@ def to_mdt_state_dict(official: OfficialCheckpoint, encoder_depth: int, grid_siz
         if key.endswith(_REL_TABLE):
             if value.shape[0] < offsets:
                 raise UserError(f"{key} has {value.shape[0]} rows, fewer than the {offsets} offsets of the grid")
-            owner = _rename(key[: -len(_REL_TABLE)] + ".x", official.family, encoder_depth, half)[: -len(".x")]
+            owner = _rename(key, official.family, encoder_depth, half)[: -len(_REL_TABLE)]  # the block
             out[f"{owner}.rel_pos.table"] = value[:offsets]
             continue
         if official.family == "maskdit" and key == "y_embedder.embedding_table.weight":
