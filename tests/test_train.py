@@ -233,23 +233,3 @@ def test_bf16_training_runs_with_fp32_ema(pixel_latents, tmp_path):
     assert all(np.isfinite(v) for v in train_losses(run).values())
     ema = load_file(str(run / "ema" / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in ema.values())
-
-
-def test_bench_train_reports_where_a_step_goes_and_the_flop_ratios():
-    result = subprocess.run(
-        [sys.executable, "tools/bench_train.py", "--size", "T", "--batch", "2", "--warmup", "1", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
-        env={**os.environ, **ENV, "PYTHONPATH": str(REPO_ROOT)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    by_figure: dict[str, list[dict]] = {}
-    for record in records:
-        by_figure.setdefault(record["figure"], []).append(record)
-    assert [r["model"] for r in by_figure["train_step"]] == ["DiT-T/2", "MDTv2-T/2", "MaskDiT-T/2"]
-    for parts in by_figure["step_parts"]:
-        for key in ("forward_s", "backward_s", "optimizer_s", "ema_s", "bare_forward_backward_s"):
-            assert parts[key] > 0, (parts["model"], key)
-    # FLOP counts are exact: MaskDiT's encoder sees half the tokens, MDTv2 runs two passes.
-    (maskdit,) = by_figure["maskdit_over_dit_images_per_s"]
-    (mdtv2,) = by_figure["mdtv2_over_dit"]
-    assert maskdit["flop_ratio"] > 1.2 and mdtv2["flop_ratio"] > 1.5

@@ -1,12 +1,15 @@
 """Forward+backward throughput of every model family, masked and unmasked, against a matmul peak.
 
 Prints JSON lines: one `matmul_peak`, one line per (model, mask ratio) pass with seconds per step,
-images/s, FLOPs per image (torch.utils.flop_counter), achieved FLOP/s and its fraction of the peak,
+images/s, FLOPs per image (forward + backward, and the forward alone: the count `mdt models` prints,
+attention included), achieved FLOP/s and its fraction of the peak,
 ratio lines (MaskDiT masked vs unmasked, MDTv2 masked vs full against the token count), and
 attention with vs without relative bias. Everything is measured in this one process run.
 
     python tools/bench_model.py                       # CPU: S/2, batch 8, fp32
     python tools/bench_model.py --device cuda --dtype bf16 --sizes S XL --batch 32
+
+The flags are those of tools/bench_train.py (`make bench-model BENCH_ARGS=...`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import argparse
 
 import torch
 
-from benchmark_utils import count_flops, emit, machine, matmul_peak, time_call
+from benchmark_utils import FAMILIES, add_common_arguments, emit, machine, matmul_peak, time_call
 from mdt.models import create_model, random_mask
 from mdt.models.attention import Attention, attention, resolve_backend
+from mdt.models.stats import model_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +50,8 @@ def bench_models(args, device, dtype, peak: float) -> None:
             runner = torch.compile(model) if args.compile else model
             ratios = (0.0,) if family == "DiT" else (0.0, 0.5)
             for ratio in ratios:
-                flops = count_flops(pass_fn(model, args.batch, ratio, device, dtype)) / args.batch
+                stats = model_stats(name, ratio, backward=True)  # per image, as `mdt models` counts
+                flops = stats.forward_flops + stats.backward_flops
                 step = pass_fn(runner, args.batch, ratio, device, dtype)
                 seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
                 if device.type == "cuda":
@@ -56,7 +61,9 @@ def bench_models(args, device, dtype, peak: float) -> None:
                 record = {
                     "figure": "model_pass", "model": name, "mask_ratio": ratio, "batch": args.batch,
                     "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds, 4),
-                    "compiled": args.compile, "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
+                    "compiled": args.compile, "images_per_s": round(args.batch / seconds, 2),
+                    "gflops_per_image": round(flops / 1e9, 3),
+                    "forward_gflops_per_image": round(stats.forward_flops / 1e9, 3),
                     "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
                     "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
                 }
@@ -103,13 +110,7 @@ def bench_attention_bias(args, device, dtype) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--sizes", nargs="+", default=["S"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--families", nargs="+", default=["DiT", "MDT", "MDTv2", "MaskDiT"])
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_common_arguments(parser, dtypes=list(DTYPES), families=list(FAMILIES), warmup=1)
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (FLOPs from eager)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

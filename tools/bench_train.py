@@ -3,12 +3,15 @@
 Runs the real pieces: the family's objective, the DeepSpeed engine (ZeRO stage from the config,
 bf16 where asked), AdamW and the fp32 EMA, in one process. Prints JSON lines: the matmul peak, one
 line per model (images/s, step seconds, FLOPs per image, achieved FLOP/s, fraction of the peak,
-peak memory), where a step's time goes (forward, backward, optimizer, EMA, each timed on its own,
+peak memory; FLOPs counted as `mdt models` counts them, attention included), where a step's time goes (forward, backward, optimizer, EMA, each timed on its own,
 and the same forward+backward on the bare module without DeepSpeed), and the ratios the targets
 are stated in, beside the ratios the FLOP counts allow.
 
     python tools/bench_train.py                                     # CPU, S/2, batch 8, fp32
-    python tools/bench_train.py --device cuda --precision bf16 --size XL --batch 32
+    python tools/bench_train.py --device cuda --dtype bf16 --sizes S XL --batch 32
+
+The flags are those of tools/bench_model.py (`make bench-train BENCH_ARGS=...`); `--precision` and
+`--size` are accepted as aliases of `--dtype` and `--sizes`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ import time
 
 import torch
 
-from benchmark_utils import count_flops, emit, machine, matmul_peak, synchronize, time_call
+from benchmark_utils import (
+    add_common_arguments,
+    emit,
+    machine,
+    matmul_peak,
+    pass_flops,
+    step_pass_ratios,
+    synchronize,
+    time_call,
+)
 from mdt.diffusion import make_objective
 from mdt.models import create_model
 from mdt.train.ema import EMA
@@ -40,15 +52,12 @@ def make_step(name: str, args, device: torch.device):
     optimizer = adamw(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ds_config = resolve_deepspeed_config(args.deepspeed_config, micro_batch=args.batch, grad_accum=1, world_size=1,
-                                         grad_clip=1.0, precision=args.precision)
+                                         grad_clip=1.0, precision=args.dtype)
     engine = Engine(model, optimizer, scheduler, ds_config)
     ema = EMA(engine.master_partitions(), 0.9999)
     gen = torch.Generator(device=engine.device).manual_seed(0)
     x0 = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=engine.device)
     y = torch.randint(0, cfg.num_classes, (args.batch,), device=engine.device)
-
-    def loss_and_backward():
-        engine.engine.backward(objective(engine, x0, y, gen).loss)
 
     def step():
         engine.backward_and_step(objective(engine, x0, y, gen).loss)
@@ -85,7 +94,7 @@ def make_step(name: str, args, device: torch.device):
         module.to("cpu")
         return seconds
 
-    return engine, step, step_in_parts, bare_forward_backward_seconds, loss_and_backward, cfg
+    return engine, objective, step, step_in_parts, bare_forward_backward_seconds
 
 
 def profile_step(step, device: torch.device, name: str, top: int) -> None:
@@ -106,40 +115,19 @@ def profile_step(step, device: torch.device, name: str, top: int) -> None:
     emit({"figure": "profile_total", "model": name, "self_ms": round(total / 1e3, 3)})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--size", default="S")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--deepspeed-config", default="deepspeed_configs/zero2.json")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", type=int, default=0, metavar="K",
-                        help="also profile one step and print its K most expensive operators (JSON lines)")
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
-                        help="one family per process gives clean peak-memory figures on a GPU")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.cuda.is_available = lambda: False  # keep DeepSpeed and the engine on the CPU path
-    init_process_group()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_peak(device, dtype)
-    emit({"figure": "matmul_peak", "device": device.type, "dtype": args.precision, "tflops": round(peak / 1e12, 4),
-          **machine()})
+def bench_size(size: str, args, device: torch.device, peak: float) -> None:
     results = {}
     for family in args.families:
-        name = f"{family}-{args.size}/2"
-        engine, step, step_in_parts, bare_seconds, loss_and_backward, cfg = make_step(name, args, device)
-        flops = count_flops(loss_and_backward) / args.batch  # forward + backward; the optimizer is negligible
-        engine.engine.zero_grad()
+        name = f"{family}-{size}/2"
+        engine, objective, step, step_in_parts, bare_seconds = make_step(name, args, device)
+        # forward + backward of every pass of the objective; the optimizer is negligible
+        flops = sum(pass_flops(name, ratio) for ratio in step_pass_ratios(objective))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
         memory = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
         results[family] = (seconds, flops)
-        emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.precision,
+        emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.dtype,
               "zero_stage": engine.zero_stage, "device": device.type, "seconds_per_step": round(seconds, 4),
               "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
               "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
@@ -154,17 +142,35 @@ def main() -> None:
               "overhead_over_bare": round(seconds / bare, 3)})
         if args.profile:
             profile_step(step, device, name, args.profile)
-        del engine, step, step_in_parts, bare_seconds, loss_and_backward
+        del engine, step, step_in_parts, bare_seconds
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if set(FAMILIES) <= set(results):
         dit, mdtv2, maskdit = (results[f] for f in FAMILIES)
         # The ratios the FLOP counts allow at equal efficiency, beside the measured ones.
-        emit({"figure": "maskdit_over_dit_images_per_s", "size": args.size, "ratio": round(dit[0] / maskdit[0], 3),
+        emit({"figure": "maskdit_over_dit_images_per_s", "size": size, "ratio": round(dit[0] / maskdit[0], 3),
               "flop_ratio": round(dit[1] / maskdit[1], 3)})
         # MDTv2 runs two passes; its step should cost what its FLOPs say relative to DiT's.
-        emit({"figure": "mdtv2_over_dit", "size": args.size, "time_ratio": round(mdtv2[0] / dit[0], 3),
+        emit({"figure": "mdtv2_over_dit", "size": size, "time_ratio": round(mdtv2[0] / dit[0], 3),
               "flop_ratio": round(mdtv2[1] / dit[1], 3)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, dtypes=["fp32", "bf16"], families=list(FAMILIES), warmup=2)
+    parser.add_argument("--deepspeed-config", default="deepspeed_configs/zero2.json")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also profile one step and print its K most expensive operators (JSON lines)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.cuda.is_available = lambda: False  # keep DeepSpeed and the engine on the CPU path
+    init_process_group()
+    peak = matmul_peak(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    emit({"figure": "matmul_peak", "device": device.type, "dtype": args.dtype, "tflops": round(peak / 1e12, 4),
+          **machine()})
+    for size in args.sizes:
+        bench_size(size, args, device, peak)
 
 
 if __name__ == "__main__":

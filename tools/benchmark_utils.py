@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmarks in tools/: timing, matmul peak, FLOP counting, JSON lines."""
+"""Shared pieces of the benchmarks in tools/: their common flags, timing, matmul peak, FLOP counts
+(`mdt.models.stats`, the count `mdt models` prints), JSON lines."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -9,7 +11,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from mdt.models.stats import model_stats
+
+FAMILIES = ("DiT", "MDT", "MDTv2", "MaskDiT")
 
 
 def emit(record: dict) -> None:
@@ -37,11 +42,31 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 1
     return reduce(times)
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+def add_common_arguments(parser: argparse.ArgumentParser, *, dtypes: list[str], families: list[str],
+                         warmup: int) -> None:
+    """The flags every benchmark takes, under one set of names (`--precision` and `--size` are aliases)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", "--precision", dest="dtype", choices=dtypes, default="fp32")
+    parser.add_argument("--sizes", "--size", dest="sizes", nargs="+", default=["S"], help="model sizes: T S B L XL")
+    parser.add_argument("--families", nargs="+", default=families, choices=families)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def pass_flops(name: str, mask_ratio: float) -> int:
+    """Forward + backward FLOPs per image of one pass, as `mdt models` counts its forward."""
+    stats = model_stats(name, mask_ratio, backward=True)
+    return stats.forward_flops + stats.backward_flops
+
+
+def step_pass_ratios(objective) -> list[float]:
+    """The mask ratio of each model pass of one training step: 0 for a full pass. MDT's objective
+    runs a full and a masked pass; a ratio drawn per batch counts at the middle of its range."""
+    ratio = getattr(objective, "mask_ratio", 0.0)
+    if hasattr(objective, "mask_ratio_span"):
+        return [0.0, ratio + objective.mask_ratio_span / 2]
+    return [ratio]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
