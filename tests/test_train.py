@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,10 +49,12 @@ def pixel_latents(tmp_path_factory) -> Path:
     return root / "latents"
 
 
-def train_args(data: Path, out: Path, model: str, steps: int, *extra: str) -> list[str]:
+def train_args(data: Path, out: Path, model: str, steps: int, *extra: str, input_size: int | None = 8) -> list[str]:
+    """A short run; the presets are built for 32x32 latents, so the 8 px data's size is asked for."""
+    size = ["--set", f"model_options.input_size={input_size}"] if input_size else []
     return ["train", "--data", str(data), "--model", model, "--out", str(out), "--steps", str(steps),
             "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--num-workers", "0",
-            "--set", "ema_decay=0.9", *extra]
+            "--set", "ema_decay=0.9", *size, *extra]
 
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -156,6 +160,51 @@ def test_unmask_tuning_from_a_masked_run(pixel_latents, tmp_path):
     assert ratios[0] > 0.4 and ratios[-1] < 0.01 and all(a >= b for a, b in zip(ratios, ratios[1:], strict=False))
 
 
+def test_keep_last_prunes_older_checkpoints(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    assert_ok(run_cli(*train_args(pixel_latents, run, "DiT-T/2", 5, "--ckpt-every", "1", "--set", "keep_last=3"),
+                      env=ENV, timeout=200))
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in (3, 4, 5)]
+    assert json.loads((run / "checkpoints" / "LATEST.json").read_text())["step"] == 5
+
+
+def test_tensorboard_writes_event_files_or_names_the_missing_package(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2, "--tensorboard"), env=ENV, timeout=200)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert result.returncode == 2 and "pip install tensorboard" in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        return
+    assert_ok(result)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert any("loss" in tag for tag in scalars), scalars
+    loss_tag = next(tag for tag in scalars if tag.endswith("loss"))
+    assert [e.step for e in accumulator.Scalars(loss_tag)] == [1, 2]
+
+
+def test_init_from_a_run_at_another_resolution_names_the_resolutions(pixel_latents, tmp_path):
+    """An 8 px export onto 16 px latents of the same (pixel) autoencoder."""
+    from mdt.data.encode import EncodeConfig, encode_dataset
+    from mdt.models import create_model, save_pretrained
+
+    export = tmp_path / "export"
+    save_pretrained(create_model("DiT-T/2", input_size=8, in_channels=3, num_classes=4), export)
+    (export / "data_manifest.json").write_text((pixel_latents / "manifest.json").read_text())
+    data16 = tmp_path / "latents16"
+    encode_dataset(EncodeConfig(input=str(pixel_latents.parent / "images"), output=str(data16), resolution=16,
+                                vae="pixel", shard_size=8, workers=0, progress=False))
+    result = run_cli(*train_args(data16, tmp_path / "run", "DiT-T/2", 2, "--init-from", str(export), input_size=16),
+                     env=ENV, timeout=200)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "trained at resolution 8 (3x8x8 latents)" in result.stderr and "holds resolution 16" in result.stderr
+    assert "another autoencoder" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -170,9 +219,16 @@ def test_user_mistakes_stop_before_training_with_one_sentence(pixel_latents, tmp
     run = tmp_path / "run"
     result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2), *extra, env=ENV, timeout=200)
     assert result.returncode == 2, result.stderr[-2000:]
-    import re
-
     assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert not (run / "checkpoints").exists()
+
+
+def test_a_preset_is_not_resized_to_the_data_without_being_asked(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2, input_size=None), env=ENV, timeout=200)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(r"DiT-T/2 is a preset for 32x32 latents but .* holds 3x8x8 .*"
+                     r"set model_options.input_size=8", result.stderr), result.stderr[-2000:]
     assert not (run / "checkpoints").exists()
 
 
@@ -227,9 +283,17 @@ def test_recipe_then_flags_override(tmp_path):
         resolve_config(recipe, {})
 
 
-def test_bf16_training_runs_with_fp32_ema(pixel_latents, tmp_path):
-    run = tmp_path / "run"
-    assert_ok(run_cli(*train_args(pixel_latents, run, "MDTv2-T/2", 3, "--precision", "bf16"), env=ENV, timeout=200))
-    assert all(np.isfinite(v) for v in train_losses(run).values())
-    ema = load_file(str(run / "ema" / "model.safetensors"))
+def test_bf16_training_computes_in_bf16_with_an_fp32_ema(pixel_latents, tmp_path):
+    """The same seeded run in fp32 and bf16: computing in bf16 changes every loss after the first (whose
+    zero-initialised output layer predicts 0 in any precision) a little; were the flag ignored, the
+    CPU's default fp32 would repeat the fp32 losses bit for bit. The EMA stays fp32."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        assert_ok(run_cli(*train_args(pixel_latents, run, "MDTv2-T/2", 3, "--precision", precision), env=ENV,
+                          timeout=200))
+        losses[precision] = np.array(list(train_losses(run).values()))
+    ema = load_file(str(tmp_path / "bf16" / "ema" / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in ema.values())
+    assert np.all(losses["fp32"][1:] != losses["bf16"][1:]), losses
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)

@@ -92,25 +92,40 @@ def check_data_matches_model(manifest: Manifest, cfg: ModelConfig) -> None:
 
 
 def check_same_autoencoder(recorded: dict, manifest: Manifest, source: Path) -> None:
+    """The weights in `source` were trained on data `recorded`: the same autoencoder, then the same
+    latent shape (another resolution through the same VAE is named as such)."""
     vae = recorded.get("vae", {})
-    mine = {"kind": manifest.vae_kind, "scaling_factor": manifest.scaling_factor,
-            "latent_shape": list(manifest.latent_shape)}
-    theirs = {"kind": vae.get("kind"), "scaling_factor": vae.get("scaling_factor"),
-              "latent_shape": recorded.get("latent_shape")}
+    mine = {"kind": manifest.vae_kind, "scaling_factor": manifest.scaling_factor}
+    theirs = {"kind": vae.get("kind"), "scaling_factor": vae.get("scaling_factor")}
     if mine != theirs:
         raise UserError(f"{source} was trained on latents from another autoencoder ({theirs}) than {manifest.root} "
                         f"({mine}); train on data encoded with the same VAE")
+    shape = recorded.get("latent_shape")
+    if shape != list(manifest.latent_shape):
+        raise UserError(
+            f"{source} was trained at resolution {recorded.get('resolution')} ({'x'.join(map(str, shape or []))} "
+            f"latents) but {manifest.root} holds resolution {manifest.resolution} "
+            f"({'x'.join(map(str, manifest.latent_shape))}); encode the data at resolution "
+            f"{recorded.get('resolution')}, or start a new run at resolution {manifest.resolution}")
 
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, init_dir: Path | None) -> ModelConfig:
     if init_dir is not None:
         return read_model_config(init_dir)
-    c, h, _ = manifest.latent_shape
-    options = {"input_size": h, "in_channels": c, "num_classes": manifest.num_classes, **cfg.model_options}
+    c, h, w = manifest.latent_shape
+    options = {"in_channels": c, "num_classes": manifest.num_classes, **cfg.model_options}
     try:
-        return model_config(cfg.model, **options)
+        model_cfg = model_config(cfg.model, **options)
     except ValueError as err:
         raise UserError(f"--model {cfg.model}: {err}") from err
+    # A preset is built for one latent size: another one must be asked for, never picked up from the data.
+    if "input_size" not in cfg.model_options and model_cfg.input_size != h:
+        raise UserError(
+            f"--model {cfg.model} is a preset for {model_cfg.input_size}x{model_cfg.input_size} latents but "
+            f"{manifest.root} holds {c}x{h}x{w} (resolution {manifest.resolution}); set model_options.input_size={h} "
+            f"(--set model_options.input_size={h} or the recipe's train: model_options) to train the model at "
+            f"this size, or encode at the preset's resolution")
+    return model_cfg
 
 
 def split_shards(manifest: Manifest, val_shards: int) -> tuple[list[str], list[str]]:
