@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from mdt.cli_checkpoints import export_command, import_command
+from mdt.cli_eval import fid_command, fid_ref_command
 from mdt.distributed import print0
 from mdt.errors import UserError
 
@@ -244,69 +245,6 @@ def sample_command(
     )
 
 
-@app.command("fid")
-def fid_command(
-    ctx: typer.Context,
-    samples: Path = typer.Option(None, help="Folder of sample images or an ADM-style samples.npz."),
-    ref: Path = typer.Option(None, help="Reference statistics .npz (mdt fid-ref) or a folder of reference images."),
-    config: Path = typer.Option(None, help=RECIPE_HELP + " (fid:)"),
-    num: int | None = typer.Option(None, help="Use the first N samples; refuse if there are fewer. Default: all."),
-    out: Path | None = typer.Option(None, help="metrics.json to add FID and KID to; default beside the samples."),
-    inception: Path | None = typer.Option(None, help="Inception TorchScript; default clean-fid's cached copy."),
-    cache_dir: Path | None = typer.Option(None, help="Cache for statistics of reference folders."),
-    batch_size: int = typer.Option(64, help="Images per feature batch."),
-    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
-    device: str | None = typer.Option(None, help="Torch device for the feature network."),
-    skip_without_weights: bool = typer.Option(
-        False, "--skip-without-weights",
-        help="If the Inception weights are missing, record fid: null and why in metrics.json instead of failing.",
-    ),
-) -> None:
-    """FID and KID of samples against a reference, with clean-fid's "clean" features."""
-    from mdt.eval.features import clean_fid_cache_path
-    from mdt.eval.fid import FeatureOptions, default_metrics_path, evaluate
-    from mdt.fileio import merge_json
-
-    v = _with_recipe(ctx, config, "fid")
-    _require(v, "samples", "--samples", "samples")
-    _require(v, "ref", "--ref", "reference")
-    samples, ref = Path(v["samples"]), Path(v["ref"])
-    out = Path(v["out"]) if v["out"] else None
-    inception = Path(v["inception"]) if v["inception"] else None
-    weights = inception or clean_fid_cache_path()
-    if v["skip_without_weights"] and not weights.is_file():
-        target = out or default_metrics_path(samples)
-        reason = f"no Inception weights at {weights} (nothing is downloaded; see the README's offline section)"
-        merge_json(target, {"fid": None, "kid": None, "fid_skipped": reason})
-        typer.echo(f"FID skipped: {reason}")
-        return
-    opts = FeatureOptions(inception=inception, device=v["device"], batch_size=v["batch_size"],
-                          num_workers=v["workers"])
-    cache_dir = Path(v["cache_dir"]) if v["cache_dir"] else None
-    metrics = evaluate(samples, ref, num=v["num"], out=out, opts=opts, cache_dir=cache_dir)
-    kid = "n/a (reference has no features)" if metrics["kid"] is None else f"{metrics['kid']:.6f}"
-    typer.echo(f"FID {metrics['fid']:.4f}  KID {kid}  ({metrics['num_samples']} samples, {metrics['resolution']} px)")
-
-
-@app.command("fid-ref")
-def fid_ref_command(
-    images: Path = typer.Argument(..., help="Folder of reference images (searched recursively)."),
-    out: Path = typer.Option(..., help="Statistics file to write (.npz: mu, sigma, feats, meta)."),
-    resolution: int = typer.Option(256, help="ADM center crop size; use the resolution of the samples."),
-    num: int | None = typer.Option(None, help="Use the first N images (sorted); default all."),
-    inception: Path | None = typer.Option(None, help="Inception TorchScript; default clean-fid's cached copy."),
-    batch_size: int = typer.Option(64, help="Images per feature batch."),
-    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
-    device: str | None = typer.Option(None, help="Torch device for the feature network."),
-) -> None:
-    """Reference statistics of an image folder for `mdt fid --ref`."""
-    from mdt.eval.fid import FeatureOptions, make_reference
-
-    opts = FeatureOptions(inception=inception, device=device, batch_size=batch_size, num_workers=workers)
-    stats = make_reference(images, out, resolution, num=num, opts=opts)
-    typer.echo(f"wrote {out} ({stats.meta['num_images']} images, {resolution} px)")
-
-
 @app.command("shapes")
 def shapes_command(
     ctx: typer.Context,
@@ -390,6 +328,8 @@ def plot_command(
     typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
 
 
+app.command("fid")(fid_command)
+app.command("fid-ref")(fid_ref_command)
 app.command("import")(import_command)
 app.command("export")(export_command)
 

@@ -56,9 +56,9 @@ def make_export(
 class _StandInLayers(nn.Module):
     """Cheap deterministic features from (B, 3, 299, 299) images in [-1, 1], like Inception's `layers`."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
         super().__init__()
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
         self.proj = nn.Parameter(torch.randn(48, 16, generator=gen))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,17 +67,28 @@ class _StandInLayers(nn.Module):
 
 
 class _StandInInception(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
         super().__init__()
-        self.layers = _StandInLayers()
+        self.layers = _StandInLayers(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-def write_stand_in_inception(path: Path) -> Path:
-    """A TorchScript file with clean-fid's Inception interface (a `layers` submodule)."""
-    torch.jit.save(torch.jit.script(_StandInInception()), str(path))
+class _StandInWithHead(_StandInInception):
+    """Also a classifier head `output` (Linear 16 -> 10), as clean-fid's Inception has (2048 -> 1008)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.output = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.output.weight.copy_(torch.randn(10, 16, generator=torch.Generator().manual_seed(seed + 1)) * 4)
+
+
+def write_stand_in_inception(path: Path, *, seed: int = 0, head: bool = False) -> Path:
+    """A TorchScript file with clean-fid's Inception interface (a `layers` submodule; `output` with `head`)."""
+    module = _StandInWithHead(seed) if head else _StandInInception(seed)
+    torch.jit.save(torch.jit.script(module), str(path))
     return path
 
 

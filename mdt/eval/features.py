@@ -1,93 +1,42 @@
-"""Inception features of image sets, computed with clean-fid's "clean" pipeline.
+"""Inception features of an image set, on one process or split over many (torchrun).
 
-clean-fid resizes every image with PIL bicubic to 299 x 299 in float (no uint8 rounding) and runs
-the TorchScript Inception of StyleGAN2-ADA. The weights come from clean-fid's own cache file or
-from `--inception PATH`; nothing is downloaded here, so a machine without network fails at once
-with the place to put the file.
+Images come from files (optionally ADM-center-cropped, for reference folders) or from the `arr_0`
+array of an npz (`mdt sample`'s samples.npz, ADM's reference batches), read a row at a time so a
+50k x 512 px file never has to fit in memory. Batches are the fixed index ranges
+[kB, (k+1)B); batch k runs on rank k mod W, and the ranks' features are gathered in index order,
+so W processes compute exactly the batches one process computes and return the same numbers.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import platform
+import math
+import time
+import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from cleanfid.fid import get_batch_features, get_files_features
-from cleanfid.resize import build_resizer
-from cleanfid.utils import EXTENSIONS
+import torch.distributed as dist
 from PIL import Image
-from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from mdt import distributed
 from mdt.errors import UserError
+from mdt.eval.network import FeatureNetwork
+from mdt.eval.resize import build_resizer
 
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-MODE = "clean"
-
-
-def clean_fid_cache_path() -> Path:
-    """Where clean-fid itself keeps the Inception TorchScript (its hard-coded cache folder)."""
-    folder = "./" if platform.system() == "Windows" else "/tmp"
-    return Path(folder) / "inception-2015-12-05.pt"
-
-
-class FeatureNetwork(nn.Module):
-    """clean-fid's Inception wrapper for any TorchScript with the same interface.
-
-    The TorchScript module must have a `layers` submodule that maps (B, 3, 299, 299) images
-    normalised to [-1, 1] to features viewable as (B, D), as clean-fid's Inception does (D = 2048).
-    """
-
-    def __init__(self, path: Path, device: torch.device) -> None:
-        super().__init__()
-        self.path = path
-        self.device = device
-        self.base = torch.jit.load(str(path), map_location="cpu").eval()
-        self.digest = file_digest(path)
-        self.to(device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, 3, 299, 299) in [0, 255] -> (B, D) features."""
-        return self.base.layers.forward((x - 128) / 128).view(x.shape[0], -1)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(functools.partial(f.read, 1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def load_feature_network(path: Path | None, device: torch.device) -> FeatureNetwork:
-    """The network at `path`, else clean-fid's cached Inception; a clear error when neither exists."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise UserError(f"--inception {path}: no such file; pass the path of inception-2015-12-05.pt.")
-        chosen = Path(path)
-    else:
-        chosen = clean_fid_cache_path()
-        if not chosen.is_file():
-            raise UserError(
-                f"The Inception weights are not at {chosen} and will not be downloaded here; download "
-                f"{INCEPTION_URL} to {chosen} (where clean-fid looks) or pass --inception PATH."
-            )
-    try:
-        net = FeatureNetwork(chosen, device)
-    except RuntimeError as err:
-        raise UserError(f"{chosen} is not a TorchScript Inception network ({err}); download it again.") from None
-    return net
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
 
 def list_images(folder: Path, recursive: bool) -> list[Path]:
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lstrip(".") in EXTENSIONS)
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def common_resolution(files: Sequence[Path]) -> tuple[int, int]:
+def common_resolution(files: Sequence[Path], what: str = "--samples") -> tuple[int, int]:
     """The (width, height) all `files` share; a UserError naming two that differ."""
     first: tuple[Path, tuple[int, int]] | None = None
     for path in files:
@@ -97,47 +46,145 @@ def common_resolution(files: Sequence[Path]) -> tuple[int, int]:
             first = (path, size)
         elif size != first[1]:
             raise UserError(
-                f"--samples mixes resolutions ({first[0].name} is {first[1][0]}x{first[1][1]}, {path.name} is "
+                f"{what} mixes resolutions ({first[0].name} is {first[1][0]}x{first[1][1]}, {path.name} is "
                 f"{size[0]}x{size[1]}); evaluate one resolution at a time."
             )
     assert first is not None
     return first[1]
 
 
-def _adm_crop(image: np.ndarray, resolution: int) -> np.ndarray:
-    from mdt.data.images import center_crop_adm
+class FileImages:
+    """Image files as uint8 (H, W, 3); `crop_to` applies ADM's center crop (reference folders)."""
 
-    return np.asarray(center_crop_adm(Image.fromarray(image), resolution))
+    def __init__(self, files: Sequence[Path], crop_to: int | None = None) -> None:
+        self.files = list(files)
+        self.crop_to = crop_to
 
+    def __len__(self) -> int:
+        return len(self.files)
 
-def files_features(
-    files: Sequence[Path],
-    net: FeatureNetwork,
-    *,
-    crop_to: int | None = None,
-    batch_size: int = 64,
-    num_workers: int = 4,
-    verbose: bool = True,
-) -> np.ndarray:
-    """(N, D) float32 features of image files; `crop_to` applies ADM's center crop first (reference sets)."""
-    return get_files_features(
-        [str(f) for f in files],
-        model=net,
-        num_workers=num_workers,
-        batch_size=batch_size,
-        device=net.device,
-        mode=MODE,
-        custom_image_tranform=None if crop_to is None else functools.partial(_adm_crop, resolution=crop_to),
-        description="features",
-        verbose=verbose,
-    ).astype(np.float32)
+    def image(self, i: int) -> np.ndarray:
+        with Image.open(self.files[i]) as img:
+            img = img.convert("RGB")
+            if self.crop_to is not None:
+                from mdt.data.images import center_crop_adm
+
+                img = center_crop_adm(img, self.crop_to)
+            return np.asarray(img)
 
 
-def array_features(images: np.ndarray, net: FeatureNetwork, *, batch_size: int = 64) -> np.ndarray:
-    """(N, D) float32 features of uint8 (N, H, W, 3) images, with clean-fid's resize as for files."""
-    resize = build_resizer(MODE)
-    feats = []
-    for lo in range(0, len(images), batch_size):
-        batch = np.stack([resize(img) for img in images[lo : lo + batch_size]])  # (B, 299, 299, 3) float32
-        feats.append(get_batch_features(torch.from_numpy(batch).permute(0, 3, 1, 2), net, net.device))
-    return np.concatenate(feats).astype(np.float32)
+class NpzImages:
+    """The `arr_0` (N, H, W, 3) uint8 member of an npz, one row per read (the zip stays closed between runs)."""
+
+    def __init__(self, path: Path, what: str, key: str = "arr_0") -> None:
+        self.path, self.what, self.key = path, what, key
+        self._zip: zipfile.ZipFile | None = None
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self.offset = f.tell()
+        except KeyError:
+            raise UserError(f"{what} {path} has no {key} array; pass an npz whose {key} holds uint8 (N, H, W, 3) "
+                            "images (the samples.npz of `mdt sample`, or an ADM reference batch).") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise UserError(f"{what} {path} is not a readable npz ({err}); write it again (`mdt sample` "
+                            "rewrites samples.npz from the PNGs).") from None
+        if dtype != np.uint8 or fortran or len(shape) != 4 or shape[-1] != 3:
+            raise UserError(f"{what} {path} holds {key} of {dtype} {shape}, not uint8 (N, H, W, 3) images; pass the "
+                            "samples.npz of `mdt sample` or an ADM reference batch.")
+        self.shape = tuple(int(s) for s in shape)
+        self.row_bytes = self.shape[1] * self.shape[2] * 3
+        with zipfile.ZipFile(path) as zf:
+            stored = zf.getinfo(f"{key}.npy").file_size
+        if stored != self.offset + self.shape[0] * self.row_bytes:
+            raise UserError(f"{what} {path} is truncated ({stored} bytes of {key}, its header promises "
+                            f"{self.offset + self.shape[0] * self.row_bytes}); write it again.")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None}  # each DataLoader worker opens its own handle
+
+    def image(self, i: int) -> np.ndarray:
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        with self._zip.open(f"{self.key}.npy") as f:
+            f.seek(self.offset + i * self.row_bytes)
+            data = f.read(self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise UserError(f"{self.what} {self.path} ends inside image {i}; write it again.")
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.shape[1:])
+
+
+ImageSource = FileImages | NpzImages
+
+
+class _Resized(Dataset):
+    def __init__(self, source: ImageSource, mode: str) -> None:
+        self.source, self.mode = source, mode
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        resized = build_resizer(self.mode)(self.source.image(i))  # (299, 299, 3) float32 in [0, 255]
+        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
+
+
+@dataclass
+class Features:
+    pool: np.ndarray  # (N, D) float32
+    spatial: np.ndarray | None  # (N, 2023) sFID features, when the network is Inception-v3
+    logits: np.ndarray | None  # (N, K) when the network has its classifier head
+    images_per_second: float
+
+
+def _gather_batches(local: np.ndarray, batches: list[list[int]], world: int, batch_size: int) -> np.ndarray:
+    """Every rank's rows of its batches (k = rank, rank + W, ...) -> all rows in index order."""
+    slots = math.ceil(len(batches) / world)
+    dim = torch.tensor([local.shape[1] if local.ndim == 2 and len(local) else 0], dtype=torch.int64)
+    device = torch.device("cuda", distributed.local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dim = dim.to(device)
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(slots * batch_size, int(dim.item()), dtype=torch.float32, device=device)
+    if len(local):
+        padded[: len(local)] = torch.from_numpy(local).to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = []
+    for k, batch in enumerate(batches):
+        lo = (k // world) * batch_size
+        rows.append(parts[k % world][lo : lo + len(batch)].cpu().numpy())
+    return np.concatenate(rows)
+
+
+def extract_features(source: ImageSource, net: FeatureNetwork, mode: str, *, batch_size: int = 64,
+                     num_workers: int = 4, verbose: bool = True, desc: str = "features") -> Features:
+    """Features of every image of `source` with the resize of `mode`, on all ranks of the process group."""
+    n = len(source)
+    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)]
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    mine = batches[rank::world]
+    loader = DataLoader(_Resized(source, mode), batch_sampler=mine, num_workers=num_workers)
+    keys = ["pool", *(["spatial"] if net.has_spatial else []), *(["logits"] if net.has_logits else [])]
+    local: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    count = sum(len(b) for b in mine)
+    suffix = f" (rank 0 of {world})" if world > 1 else ""
+    start = time.perf_counter()
+    with tqdm(total=count, unit="img", desc=f"{desc} [{mode}]{suffix}", disable=not verbose or rank != 0,
+              dynamic_ncols=True) as bar:
+        for images in loader:
+            out = net(images)
+            for k in keys:
+                local[k].append(out[k].numpy())
+            bar.update(len(images))
+    seconds = max(time.perf_counter() - start, 1e-9)
+    arrays = {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in local.items()}
+    if world > 1 and distributed.is_initialized():
+        arrays = {k: _gather_batches(v, batches, world, batch_size) for k, v in arrays.items()}
+        seconds = distributed.all_reduce_sum(seconds) / world
+    return Features(arrays["pool"], arrays.get("spatial"), arrays.get("logits"), n / seconds)

