@@ -13,16 +13,25 @@ from mdt.diffusion import (
     ScheduleConfig,
     make_objective,
 )
-from mdt.models import create_model, random_mask
+from mdt.models import create_model
 
 
-def test_linear_schedule_matches_dit():
-    s = NoiseSchedule()
-    assert s.num_timesteps == 1000
-    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
-    assert torch.all(s.alphas_cumprod[1:] < s.alphas_cumprod[:-1])
+def test_linear_and_cosine_schedules_at_every_step():
+    """Every beta, not only the ramp's ends: DiT's linear 1e-4..0.02 over 1000 steps, and the cosine
+    schedule of Nichol & Dhariwal (s = 0.008, betas capped at 0.999)."""
+    k = np.arange(1000, dtype=np.float64)
+    linear = NoiseSchedule()
+    np.testing.assert_allclose(linear.betas.numpy(), 1e-4 + k * (0.02 - 1e-4) / 999, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(linear.alphas_cumprod.numpy(), np.cumprod(1 - (1e-4 + k * (0.02 - 1e-4) / 999)),
+                               rtol=1e-12)
+
+    def abar(u: np.ndarray) -> np.ndarray:
+        return np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
     cosine = NoiseSchedule(ScheduleConfig(beta_schedule="cosine"))
-    assert cosine.betas.max() <= 0.999 and torch.all(cosine.alphas_cumprod[1:] < cosine.alphas_cumprod[:-1])
+    expected = np.minimum(1 - abar((k + 1) / 1000) / abar(k / 1000), 0.999)
+    np.testing.assert_allclose(cosine.betas.numpy(), expected, rtol=1e-12)
+    assert cosine.betas[-1].item() == 0.999  # the cap is reached at the end
 
 
 def test_q_sample_has_the_marginal_statistics():
@@ -65,16 +74,17 @@ def test_vlb_term_matches_closed_form_gaussian_kl():
 
 
 def test_min_snr_weighting_caps_the_mse_weight():
-    s = NoiseSchedule()
-    x0 = torch.zeros(2, 1, 2, 2)
+    """Min-SNR-5 for eps prediction weights the MSE by min(SNR, 5) / SNR, SNR = abar / (1 - abar),
+    computed here from DiT's betas (Hang et al. 2023)."""
+    x0 = torch.zeros(3, 1, 2, 2)
     noise = torch.ones_like(x0)
-    out = torch.zeros(2, 2, 2, 2)  # eps prediction 0 -> per-element error 1
-    t = torch.tensor([5, 900])
-    plain = DenoisingLoss(s)(out, x0, x0, t, noise)["mse"]
-    weighted = DenoisingLoss(s, min_snr_gamma=5.0)(out, x0, x0, t, noise)["mse"]
-    snr = s.snr(t)
-    assert snr[0] > 5 > snr[1]
-    torch.testing.assert_close(weighted, plain * torch.clamp(snr, max=5) / snr)
+    out = torch.zeros(3, 2, 2, 2)  # eps prediction 0 -> per-element error 1, so the plain MSE is 1
+    t = torch.tensor([5, 300, 900])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t.numpy()]
+    snr = abar / (1 - abar)
+    assert snr[0] > 5 > snr[2]
+    weighted = DenoisingLoss(NoiseSchedule(), min_snr_gamma=5.0)(out, x0, x0, t, noise)["mse"]
+    np.testing.assert_allclose(weighted.numpy(), np.minimum(snr, 5) / snr, rtol=1e-6)
 
 
 def test_maskdit_mae_term_sees_only_the_masked_patches():
@@ -116,15 +126,46 @@ def test_class_dropout_uses_the_null_class():
     assert (dropped == 10).float().mean().item() == pytest.approx(0.5, abs=0.03)
 
 
-def test_mdtv2_draws_ratio_per_batch_in_range_and_runs_two_passes():
-    obj = make_objective("mdtv2", num_classes=10, grid_size=4, patch_size=2)
-    assert (obj.mask_ratio, obj.mask_ratio_span, obj.denoising_loss.min_snr_gamma) == (0.3, 0.2, 5.0)
-    model = create_model("MDTv2-T/2", input_size=8, num_classes=10)
+def masks_the_model_sees(name: str, seed: int, *, batch: int = 3) -> list[torch.Tensor | None]:
+    """The mask of every forward call of one training step of `name` (8x8 grid, 64 tokens)."""
+    model = create_model(name, input_size=16, num_classes=10)
+    cfg = model.config
+    obj = make_objective(cfg.family, num_classes=10, grid_size=cfg.grid_size, patch_size=cfg.patch_size,
+                         learn_sigma=cfg.learn_sigma)
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[3]))
-    obj(model, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), torch.Generator().manual_seed(0))
-    assert seen[0] is None and seen[1] is not None
-    assert 0.3 * 16 - 1 <= seen[1].sum(1)[0].item() <= 0.5 * 16 + 1
+    x0 = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(100))
+    obj(model, x0, torch.zeros(batch, dtype=torch.long), torch.Generator().manual_seed(seed))
+    return seen
+
+
+def test_mdtv2_draws_its_ratio_per_batch_and_runs_two_passes():
+    """A ratio in [0.3, 0.5] drawn per batch: every sample of a batch keeps int(64 (1 - r)) tokens
+    (32..44), and the count changes from batch to batch."""
+    obj = make_objective("mdtv2", num_classes=10, grid_size=4, patch_size=2)
+    assert (obj.mask_ratio, obj.mask_ratio_span, obj.denoising_loss.min_snr_gamma) == (0.3, 0.2, 5.0)
+    kept = []
+    for seed in range(12):
+        full, masked = masks_the_model_sees("MDTv2-T/2", seed)
+        assert full is None and masked is not None
+        per_sample = (~masked).sum(1).unique().tolist()
+        assert len(per_sample) == 1  # one ratio for the whole batch
+        kept.append(per_sample[0])
+    assert all(32 <= k <= 44 for k in kept), kept
+    assert len(set(kept)) >= 4, kept  # a fixed ratio would keep one count
+
+
+@pytest.mark.parametrize(("name", "dropped"), [("MDT-T/2", 64 - int(64 * 0.7)), ("MaskDiT-T/2", 32)])
+def test_the_objective_draws_its_masks_from_the_generator(name: str, dropped: int):
+    """The masked pass gets a mask that drops the family's share of tokens, a different set per
+    sample, the same for the same seed and another for another seed."""
+    masks = [m for m in masks_the_model_sees(name, 3) if m is not None]
+    (mask,) = masks
+    assert mask.sum(1).tolist() == [dropped] * 3
+    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
+    (again,) = [m for m in masks_the_model_sees(name, 3) if m is not None]
+    (other,) = [m for m in masks_the_model_sees(name, 4) if m is not None]
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
 
 
 @pytest.mark.parametrize("name", FAMILIES_TINY)
@@ -155,9 +196,3 @@ def test_each_objective_overfits_a_batch_of_eight(name):
     last = fixed_loss()
     # EDM's loss is normalised to ~1 at every sigma and MaskDiT's sees half the tokens: it falls slower.
     assert last < (0.85 if isinstance(obj, EDMObjective) else 0.6) * first, (first, last)
-
-
-def test_masks_drawn_by_objective_are_reproducible_from_the_generator():
-    a = random_mask(4, 4, 0.5, generator=torch.Generator().manual_seed(3))
-    b = random_mask(4, 4, 0.5, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
