@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from PIL import Image
 from sample_helpers import run_cli, write_stand_in_inception
 
@@ -16,6 +17,7 @@ from mdt.eval import network, reference
 from mdt.eval.features import FileImages, extract_features
 from mdt.eval.fid import FeatureOptions, evaluate, make_reference
 from mdt.eval.manifold import precision_recall
+from mdt.eval.resize import build_resizer, resize_tf_bilinear
 from mdt.eval.stats import FeatureStats, fid, frechet_distance, inception_score, kid
 
 N = 40
@@ -272,3 +274,40 @@ def test_two_processes_compute_the_features_of_one(data, tmp_path: Path) -> None
         assert made.returncode == 0, made.stderr
     one, two = FeatureStats.load(files[1]), FeatureStats.load(files[2])
     assert one.feats.shape == (N, 16) and np.array_equal(one.feats, two.feats)
+
+
+def _tf1_resize_bilinear_by_the_kernel(image: np.ndarray, size: int) -> np.ndarray:
+    """TF1's ResizeBilinear (align_corners=False, legacy: no half-pixel centers), pixel by pixel, float32:
+    source y = i * (in / out); top = floor, bottom = min(ceil, in - 1); lerp along x, then along y."""
+    f32 = np.float32
+    h, w = image.shape[:2]
+    out = np.empty((size, size, image.shape[2]), dtype=f32)
+    for i in range(size):
+        y = f32(i) * (f32(h) / f32(size))
+        y0, y1 = int(np.floor(y)), min(int(np.ceil(y)), h - 1)
+        for j in range(size):
+            x = f32(j) * (f32(w) / f32(size))
+            x0, x1 = int(np.floor(x)), min(int(np.ceil(x)), w - 1)
+            tl, tr, bl, br = (image[a, b].astype(f32) for a, b in ((y0, x0), (y0, x1), (y1, x0), (y1, x1)))
+            top = tl + (tr - tl) * f32(x - x0)
+            bottom = bl + (br - bl) * f32(x - x0)
+            out[i, j] = top + (bottom - top) * f32(y - y0)
+    return out
+
+
+def test_adm_and_clean_resizes_each_match_their_reference_and_differ() -> None:
+    image = np.random.default_rng(0).integers(0, 256, size=(16, 12, 3), dtype=np.uint8)
+    adm = build_resizer("adm")(image)
+    assert adm.shape == (299, 299, 3) and adm.dtype == np.float32
+    np.testing.assert_allclose(resize_tf_bilinear(image, 37), _tf1_resize_bilinear_by_the_kernel(image, 37), atol=1e-4)
+    np.testing.assert_allclose(adm[::7, ::5], _tf1_resize_bilinear_by_the_kernel(image, 299)[::7, ::5], atol=1e-4)
+    # clean-fid's clean mode: each channel as a float32 PIL image, BICUBIC to 299, no rounding.
+    clean = build_resizer("clean")(image)
+    by_pil = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F")
+                                  .resize((299, 299), Image.BICUBIC)) for c in range(3)], axis=-1)
+    np.testing.assert_allclose(clean, by_pil.clip(0, 255), atol=1e-4)
+    assert np.abs(clean - adm).mean() > 1.0
+    # The legacy kernel is not torch's (half-pixel) bilinear either.
+    half_pixel = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(299, 299),
+                                                 mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    assert np.abs(half_pixel - adm).mean() > 1.0
