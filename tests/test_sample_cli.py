@@ -86,14 +86,25 @@ def test_resume_with_other_settings_is_refused(run_dir: Path, reference: Path) -
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
-def test_other_samplers_and_schedules(run_dir: Path, tmp_path: Path, sampler: str) -> None:
-    out = tmp_path / sampler
-    result = _sample(run_dir, out, "--sampler", sampler, "--cfg-schedule", "power-cosine", "--cfg-channels", "3",
-                     "--classes", "3,7", n=3)
-    assert result.returncode == 0, result.stderr
-    with np.load(out / "samples.npz", allow_pickle=False) as data:
-        assert data["arr_0"].shape == (3, 64, 64, 3)
-        assert data["arr_1"].tolist() == [3, 7, 3]
+def test_other_samplers_and_guidance_flags_take_effect(run_dir: Path, tmp_path: Path, sampler: str) -> None:
+    """Power-cosine guidance on 3 channels, then each flag changed alone: both change the samples
+    (an ignored flag would give the same bytes), and sample_config.json records them."""
+    variants = {"power-cosine-3": ("power-cosine", "3"), "constant-3": ("constant", "3"),
+                "power-cosine-4": ("power-cosine", "4")}
+    images = {}
+    for name, (schedule, channels) in variants.items():
+        out = tmp_path / name
+        result = _sample(run_dir, out, "--sampler", sampler, "--cfg-schedule", schedule, "--cfg-channels", channels,
+                         "--classes", "3,7", n=3)
+        assert result.returncode == 0, result.stderr
+        with np.load(out / "samples.npz", allow_pickle=False) as data:
+            images[name] = data["arr_0"]
+            assert data["arr_1"].tolist() == [3, 7, 3]
+        guidance = json.loads((out / "sample_config.json").read_text())["guidance"]
+        assert (guidance["schedule"], guidance["channels"]) == (schedule, int(channels))
+    assert images["power-cosine-3"].shape == (3, 64, 64, 3)
+    assert not np.array_equal(images["power-cosine-3"], images["constant-3"])  # --cfg-schedule
+    assert not np.array_equal(images["power-cosine-3"], images["power-cosine-4"])  # --cfg-channels
 
 
 def test_pixel_space_checkpoint(tmp_path: Path) -> None:
