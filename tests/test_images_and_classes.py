@@ -98,10 +98,42 @@ def test_numeric_labels_and_class_list_bounds(tmp_path: Path) -> None:
         index_for_labels([3], listing)
 
 
-def test_decoded_bytes_of_every_mode_roundtrip_through_formats() -> None:
-    for fmt in ("PNG", "JPEG", "WEBP"):
-        image = Image.new("RGB", (70, 70), (200, 10, 10))
-        buffer = io.BytesIO()
-        image.save(buffer, format=fmt)
-        out = preprocess(buffer.getvalue(), 64).pixels
-        assert abs(int(out[32, 32, 0]) - 200) < 8 and abs(int(out[32, 32, 1]) - 10) < 8
+def _over_white(rgb: tuple[int, int, int], alpha: int) -> tuple[int, ...]:
+    return tuple(round(c * alpha / 255 + 255 * (1 - alpha / 255)) for c in rgb)
+
+
+# (PIL mode, the solid pixel value in that mode, the RGB it means, formats that store the mode):
+# the expected colours are written out here, not taken from PIL's conversions.
+MODES = [
+    ("RGB", (200, 10, 10), (200, 10, 10), ("PNG", "JPEG", "WEBP")),
+    ("L", 120, (120, 120, 120), ("PNG", "JPEG", "WEBP")),
+    ("RGBA", (200, 10, 10, 255), (200, 10, 10), ("PNG", "WEBP")),
+    ("RGBA", (200, 10, 10, 100), _over_white((200, 10, 10), 100), ("PNG", "WEBP")),
+    ("RGBA", (200, 10, 10, 0), (255, 255, 255), ("PNG", "WEBP")),  # transparent: white
+    ("LA", (40, 0), (255, 255, 255), ("PNG",)),
+    ("LA", (40, 255), (40, 40, 40), ("PNG",)),
+    ("CMYK", (0, 255, 55, 0), (255, 0, 200), ("JPEG",)),
+    ("I;16", 30000, (round(30000 / 65535 * 255),) * 3, ("PNG",)),  # 16-bit grey rescaled, not clipped
+    ("I;16", 65535, (255, 255, 255), ("PNG",)),
+    ("1", 1, (255, 255, 255), ("PNG",)),
+]
+
+
+@pytest.mark.parametrize(("mode", "value", "rgb", "fmt"),
+                         [(mode, value, rgb, fmt) for mode, value, rgb, fmts in MODES for fmt in fmts])
+def test_decoded_bytes_of_every_mode_roundtrip_through_formats(mode, value, rgb, fmt) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (70, 70), value).save(buffer, format=fmt)
+    decoded = preprocess(buffer.getvalue(), 64)
+    assert decoded.pixels.shape == (64, 64, 3)
+    if fmt == "PNG":  # PNG stores every one of these modes as it is
+        assert decoded.mode == mode
+    tolerance = 0 if fmt == "PNG" else 8  # JPEG and WEBP are lossy
+    assert np.abs(decoded.pixels.reshape(-1, 3).astype(int) - rgb).max() <= tolerance, decoded.pixels[32, 32]
+
+
+def test_palette_images_keep_their_colours_and_transparency() -> None:
+    palette = Image.new("RGB", (70, 70), (30, 160, 90)).quantize(4)
+    assert np.all(preprocess(encoded_bytes(palette, "PNG"), 64).pixels == (30, 160, 90))
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    assert np.all(preprocess(encoded_bytes(palette, "PNG"), 64).pixels == 255)
