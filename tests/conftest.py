@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,24 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_vae(tmp_path_factory.mktemp("tiny-vae"))
 
 
+IMAGENET_SAMPLE_VAR = "MDT_IMAGENET_SAMPLE"
+
+
+def imagenet_sample_path() -> Path:
+    """$MDT_IMAGENET_SAMPLE, else the sample beside the repository (CI clones with ../shared next to it)."""
+    given = os.environ.get(IMAGENET_SAMPLE_VAR)
+    return Path(given) if given else REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+
+
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
-    """The 800-image ImageNet sample beside the repository (CI clones with ../shared next to it)."""
-    path = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+    """The 800-image ImageNet sample. Missing, its tests skip on a workstation and fail on CI (CI=true)."""
+    path = imagenet_sample_path()
     if not path.is_dir():
-        pytest.skip(f"ImageNet sample not found at {path}")
+        message = f"ImageNet sample not found at {path}; point {IMAGENET_SAMPLE_VAR} at the imagenet-sample folder"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
