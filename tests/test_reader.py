@@ -97,10 +97,7 @@ def test_ranks_split_an_epoch_without_duplicates(unique_labels: Path, workers: i
 @pytest.mark.parametrize("workers", [0, 2])
 def test_start_batch_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
     def run(start: int, n: int) -> list[dict[str, torch.Tensor]]:
-        loader = LatentLoader(
-            encoded_flip, 3, seed=5, num_workers=workers, shuffle_buffer=4, start_batch=start
-        )
-        return take(loader, n)
+        return take(LatentLoader(encoded_flip, 3, seed=5, num_workers=workers, start_batch=start), n)
 
     full = run(0, 9)  # 3 batches per epoch: crosses two epoch boundaries
     for start in (1, 3, 5):
@@ -108,18 +105,77 @@ def test_start_batch_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
         for a, b in zip(full[start:], resumed, strict=True):
             assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
     assert not torch.equal(full[0]["latents"], full[3]["latents"])
-    other_seed = take(LatentLoader(encoded_flip, 3, seed=6, num_workers=workers, shuffle_buffer=4), 1)[0]
+    other_seed = take(LatentLoader(encoded_flip, 3, seed=6, num_workers=workers), 1)[0]
     assert not torch.equal(other_seed["latents"], full[0]["latents"])
 
 
-def test_uneven_shards_never_starve_a_rank(encoded_flip: Path) -> None:
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """48 samples, one class each (a label names its sample), as pixels: in 8 even shards of 6,
+    and in 10 uneven shards (9 of 5 and one of 3)."""
+    root = tmp_path_factory.mktemp("counted")
+    rng = np.random.default_rng(4)
+    for i in range(48):
+        (root / "images" / f"c{i:02d}").mkdir(parents=True)
+        (root / "images" / f"c{i:02d}" / "x.png").write_bytes(encoded_bytes(random_image(rng, (8, 8), "RGB"), "PNG"))
+    out = {}
+    for shard_size in (6, 5):
+        out[shard_size] = root / f"out-{shard_size}"
+        encode_dataset(EncodeConfig(str(root / "images"), str(out[shard_size]), resolution=8, vae="pixel",
+                                    shard_size=shard_size, workers=0, progress=False))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("shard_size", [6, 5])
+@pytest.mark.parametrize(("world", "batch"), [(1, 5), (1, 2), (2, 5), (3, 2), (4, 2), (4, 5), (5, 3)])
+def test_each_epoch_visits_every_sample_once(counted: dict[int, Path], shard_size: int, world: int,
+                                             batch: int) -> None:
+    """Counted over all ranks: no sample twice in an epoch, and none left out beyond the remainder
+    that fills no batch (N mod world, and per rank its share mod the batch size)."""
+    data = counted[shard_size]
+    per_epoch = []
+    for epoch in range(2):
+        seen: list[int] = []
+        for rank in range(world):
+            loader = LatentLoader(data, batch, seed=11, rank=rank, world_size=world, num_workers=0)
+            n = loader.batches_per_epoch
+            seen += torch.cat([b["labels"] for b in take(loader, 2 * n)[epoch * n : (epoch + 1) * n]]).tolist()
+        share = 48 // world
+        assert len(seen) == len(set(seen)) == world * (share - share % batch)
+        per_epoch.append(seen)
+    assert per_epoch[0] != per_epoch[1]  # each epoch its own order
+
+
+def test_the_stream_does_not_depend_on_the_worker_count(counted: dict[int, Path]) -> None:
+    def stream(workers: int) -> list[dict[str, torch.Tensor]]:
+        return take(LatentLoader(counted[5], 4, seed=2, rank=1, world_size=2, num_workers=workers, start_batch=3), 7)
+
+    reference = stream(0)
+    for workers in (1, 3):
+        for a, b in zip(reference, stream(workers), strict=True):
+            assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["latents"], b["latents"])
+
+
+def test_the_reader_streams_are_independent() -> None:
+    """The epoch order, batch noise and validation noise never share a seed (numpy pads short
+    entropy with zeros, so plain (seed, e) and (seed, e, 0, 0) would coincide)."""
+    from mdt.data.reader import _BATCH_NOISE, _EPOCH_ORDER, _VALIDATION_NOISE, _seed
+
+    seeds = [_seed(0, _EPOCH_ORDER, 0), _seed(0, _BATCH_NOISE, 0, 0), _seed(0, _VALIDATION_NOISE, 0),
+             _seed(0, _EPOCH_ORDER, 1), _seed(0, _BATCH_NOISE, 0, 1), _seed(0, _BATCH_NOISE, 1, 0), _seed(1, 0, 0)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_every_rank_gets_the_same_number_of_full_batches(encoded_flip: Path) -> None:
     counts = [s.count for s in read_manifest(encoded_flip).shards]
     assert len(set(counts)) > 1  # the fixture's shards are uneven
+    lengths = set()
     for rank in range(3):
         loader = LatentLoader(encoded_flip, 2, seed=0, rank=rank, world_size=3, num_workers=0)
         batches = take(loader, 4 * loader.batches_per_epoch)
-        assert len(batches) == 4 * loader.batches_per_epoch
+        lengths.add(loader.batches_per_epoch)
         assert all(b["latents"].shape[0] == 2 for b in batches)
+    assert lengths == {sum(counts) // 3 // 2}
 
 
 def test_shards_argument_restricts_the_data(encoded_flip: Path) -> None:
@@ -195,3 +251,75 @@ def test_a_label_outside_the_manifest_classes_is_a_user_error(encoded_flip: Path
         take(LatentLoader(data, 2, seed=0, num_workers=0, shards=["shard-000000.tar"]), 1)
     with pytest.raises(UserError, match="label 99"):
         list(iter_validation_batches(data, 2, shards=["shard-000000.tar"]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_truncated_mid_run_is_retried_then_named(encoded_flip: Path, tmp_path: Path, workers: int) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(encoded_flip, data)
+    loader = iter(LatentLoader(data, 2, seed=0, num_workers=workers, read_attempts=2, retry_wait_s=0.01))
+    next(loader)
+    for shard in data.glob("shard-*.tar"):  # every shard, so the next batch surely reads a cut one
+        shard.write_bytes(shard.read_bytes()[:1024])
+    with pytest.raises(UserError) as caught:
+        for _ in range(20):
+            next(loader)
+    message = str(caught.value)
+    assert "could not be read after 2 tries" in message and "shard-" in message and "Traceback" not in message
+
+
+def test_a_non_finite_latent_stops_the_reader_naming_the_sample(encoded_flip: Path, tmp_path: Path) -> None:
+    from mdt.data.shard_format import MOMENTS_FIELD, decode_moments, encode_moments
+
+    def poison(member: tarfile.TarInfo, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        if member.name.endswith(MOMENTS_FIELD) and member.name.startswith("000000001"):
+            moments = decode_moments(payload).copy()
+            moments.flat[5] = np.nan
+            payload = encode_moments(moments)
+        return [(member, payload)]
+
+    data = copy_with_first_shard_edited(encoded_flip, tmp_path, poison)
+    with pytest.raises(UserError, match="sample 000000001 in .*shard-000000.tar holds non-finite latents"):
+        take(LatentLoader(data, 3, seed=0, num_workers=0, shards=["shard-000000.tar"]), 1)
+
+
+def test_a_shard_changed_after_encoding_is_named(encoded_flip: Path, tmp_path: Path) -> None:
+    def drop_second(member: tarfile.TarInfo, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        return [] if member.name.startswith("000000001") else [(member, payload)]
+
+    data = copy_with_first_shard_edited(encoded_flip, tmp_path, drop_second)
+    with pytest.raises(UserError, match="shard-000000.tar holds 2 samples but the manifest lists 3"):
+        LatentLoader(data, 2, seed=0, num_workers=0)
+
+
+LOADER_UNDER_SIGNAL = """
+import signal, sys
+from mdt.data.reader import LatentLoader
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+batches = iter(LatentLoader(sys.argv[1], 2, seed=0, num_workers=2))
+next(batches)
+print("ready", flush=True)
+while not got:
+    next(batches)
+for _ in range(10):
+    next(batches)  # the workers are alive and still deliver
+print("handled", flush=True)
+"""
+
+
+def test_loader_workers_leave_a_group_sigterm_to_the_trainer(encoded_flip: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", LOADER_UNDER_SIGNAL, str(encoded_flip)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its two workers, as SLURM delivers it
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and stdout.strip() == "handled", stderr[-2000:]

@@ -142,10 +142,12 @@ def main() -> None:
         print(json.dumps({**common, "config": "webdataset-baseline", "workers": 0,
                           "samples_per_s": round(samples / seconds, 1)}))  # fmt: skip
         for workers in args.workers:
+            start = time.perf_counter()
             loader = LatentLoader(Path(tmp), args.batch_size, seed=0, num_workers=workers)
+            index_s = time.perf_counter() - start  # the sample index: tar headers only
             seconds, samples = measure(iter(loader), args.batches)
             rates[f"mdt-reader(workers={workers})"] = samples / seconds
-            print(json.dumps({**common, "config": "mdt-reader", "workers": workers,
+            print(json.dumps({**common, "config": "mdt-reader", "workers": workers, "index_s": round(index_s, 3),
                               "samples_per_s": round(samples / seconds, 1)}))  # fmt: skip
         baseline = rates["webdataset-baseline(workers=0)"]
         for name, rate in rates.items():

@@ -5,42 +5,42 @@ latents = (mean + std * eps - shift) * scaling_factor is a fresh posterior sampl
 choice of the stored views (original or its horizontal flip) when both were encoded.
 
 How the stream is laid out, and why:
-- Epochs of a fixed `samples_per_epoch` per rank (default: total // world_size), i.e. a fixed
-  number of batches, so no rank ever waits on another with fewer batches.
-- In epoch e every rank takes its slice of one shared shard permutation (seeded by (seed, e)),
-  and every DataLoader worker its slice of that; a worker whose shards run out before its quota
-  continues with shards drawn at random (resampled), so uneven shards never stall a rank.
-  Each worker shuffles through a buffer with its own generator, seeded by (seed, e, rank, worker).
-- Batch j of an epoch is built by worker j mod num_workers, completely (decoding, view choice,
-  posterior noise), so the main process only hands batches on. The noise and the view choice come
-  from a generator seeded by (seed, rank, global batch index): they depend on the batch, not on
-  the worker or on where the run started.
+- At start the reader indexes its shards: where each sample's moments lie in which tar (headers
+  only, data seeked over) and its label. Samples are then read by position, like the official
+  code's map-style datasets, so an epoch can be any order of them.
+- Epoch e is one permutation of all N samples, seeded by (seed, e); rank r takes every
+  world_size-th entry of it (as torch's DistributedSampler does), the first `samples_per_epoch`
+  of them (default N // world_size), and cuts them into batches. Every rank has the same number
+  of batches, and each epoch visits every sample once, bar the remainder that fills no batch.
+- Batch b is epoch b // n, batch b % n (n batches per epoch), and its posterior noise and view
+  choice come from a generator seeded by (seed, rank, b). So batch b is a function of b alone:
+  not of the DataLoader workers (worker p builds the batches p, p + W, ...), nor of where the run
+  started. Starting at `start_batch=k` yields bitwise the batches k, k+1, ... of a run from 0.
+- A read that fails (an NFS hiccup, a shard truncated under the reader) is retried a few times,
+  then named in one sentence; a label outside the classes or a non-finite latent stops the run
+  naming the sample. DataLoader workers ignore SIGTERM/SIGINT: the trainer owns the signal and
+  shuts them down.
 
-Together: for fixed (data, seed, rank, world_size, num_workers, batch_size), starting at
-`start_batch=k` yields bitwise the batches k, k+1, ... of a run started at 0. Resuming inside an
-epoch re-reads (without decoding) the part of the epoch already consumed.
-
-Only the fields training needs are read and decoded: `moments.npy` (numpy layout, no pickle)
-and `cls`; WebDataset's default decoders (which unpickle) are never used. Shards are read with the
-lean tar reader in `mdt.data.tar_stream` (tarfile's header parsing was the bottleneck) and
-shuffled with WebDataset's buffer shuffle.
+Only `moments.npy` and `cls` are read and decoded (numpy layout, no pickle); WebDataset's default
+decoders (which unpickle) are never used.
 """
 
 from __future__ import annotations
 
-import itertools
-import random
+import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mdt import distributed
 from mdt.data.manifest import ShardEntry, read_manifest
+from mdt.data.sample_index import SampleIndex, ShardReader, build_index
 from mdt.data.shard_format import (
     LABEL_FIELD,
     MOMENTS_FIELD,
@@ -53,40 +53,42 @@ from mdt.errors import UserError
 
 Batch = dict[str, torch.Tensor]
 
+# Independent random streams of the reader (spawn keys, as mdt.sample.seeding does).
+_EPOCH_ORDER = 0
+_BATCH_NOISE = 1
+_VALIDATION_NOISE = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from several integers (numpy's SeedSequence hashing)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+
+def _seed(seed: int, stream: int, *key: int) -> int:
+    """A well-mixed 63-bit seed for one stream and key; distinct streams never coincide."""
+    sequence = np.random.SeedSequence(entropy=int(seed), spawn_key=(stream, *(int(k) for k in key)))
+    state = sequence.generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
 @dataclass(frozen=True)
 class _StreamPlan:
-    """Everything a worker needs to rebuild its part of the stream (picklable, no open files)."""
+    """Everything a worker needs to rebuild any batch of the stream (no open files)."""
 
-    shard_paths: tuple[str, ...]
+    index: SampleIndex
     sample_shape: tuple[int, ...]  # of the stored moments array (V, M, C, H, W)
     scaling_factor: float
     shift_factor: float
-    num_classes: int
     seed: int
     rank: int
     world_size: int
-    workers: int  # logical workers, at least 1 (num_workers=0 runs one in the main process)
     batch_size: int
+    samples_per_epoch: int
     batches_per_epoch: int
-    shuffle_buffer: int
+    workers: int  # DataLoader workers, at least 1 (num_workers=0 builds every batch in this process)
+    read_attempts: int
+    retry_wait_s: float
 
 
 class _RankBatches(IterableDataset):
     """This rank's endless stream of finished batches from `start_batch` on; with DataLoader
-    workers, each yields every num_workers-th batch (the DataLoader interleaves them in order).
-
-    Global batch b is epoch b // n, batch j = b % n of that epoch (n batches per epoch), and is
-    built from the sample stream of logical worker j mod W. A DataLoader worker p handles the
-    batches start_batch + p + kW, which within one epoch all belong to one logical worker, so
-    each worker follows one logical stream per epoch and no stream is read twice.
-    """
+    workers, worker p yields the batches start_batch + p + kW (the DataLoader interleaves them)."""
 
     def __init__(self, plan: _StreamPlan, start_batch: int):
         self.plan = plan
@@ -96,57 +98,44 @@ class _RankBatches(IterableDataset):
         plan = self.plan
         info = get_worker_info()
         worker_id = info.id if info is not None else 0
+        reader = ShardReader(plan.index, plan.read_attempts, plan.retry_wait_s)
         decode = MomentsDecoder(plan.sample_shape)
-        stream_key: tuple[int, int] | None = None  # (epoch, logical worker) of `samples`
-        samples: Iterator[RawSample] = iter(())
-        next_owned = 0  # the next batch of the epoch that `samples` would fill
+        order_epoch, order = -1, np.empty(0, dtype=np.int64)
         batch_index = self.start_batch + worker_id
-        while True:
-            epoch, j = divmod(batch_index, plan.batches_per_epoch)
-            logical = j % plan.workers
-            if stream_key != (epoch, logical):
-                stream_key, samples, next_owned = (epoch, logical), self._samples(epoch, logical), logical
-            while next_owned < j:  # resuming inside an epoch: re-read, don't decode
-                for _ in range(plan.batch_size):
-                    next(samples)
-                next_owned += plan.workers
-            chunk = [next(samples) for _ in range(plan.batch_size)]
-            next_owned += plan.workers
-            moments, labels = _stack(chunk, decode, plan.num_classes)
-            # Noise and views depend on the global batch index only, not on which worker runs.
-            generator = torch.Generator().manual_seed(_seed(plan.seed, plan.rank, batch_index))
-            latents = sample_latents(moments, plan.scaling_factor, plan.shift_factor, generator)
-            yield {"latents": latents, "labels": labels}
-            batch_index += plan.workers
+        try:
+            while True:
+                epoch, j = divmod(batch_index, plan.batches_per_epoch)
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, epoch_order(plan, epoch)
+                samples = order[j * plan.batch_size : (j + 1) * plan.batch_size]
+                yield self._batch(reader, decode, samples, batch_index)
+                batch_index += plan.workers
+        finally:
+            reader.close()
 
-    def _samples(self, epoch: int, logical: int) -> Iterator[RawSample]:
-        """The shuffled samples of one logical worker in one epoch: its own shards, then resampled ones."""
-        rng = random.Random(_seed(self.plan.seed, epoch, self.plan.rank, logical))
-        # The worker's own shards are shuffled apart from the resampled top-up, so an epoch whose
-        # quota matches the split (even shards) visits each of its samples exactly once.
-        shuffle = wds.shuffle(self.plan.shuffle_buffer, self.plan.shuffle_buffer, rng=rng)
-        return itertools.chain(
-            shuffle(_raw_samples(self._own_shards(epoch, logical))),
-            shuffle(_raw_samples(self._resampled_shards(rng))),
-        )
-
-    def _own_shards(self, epoch: int, logical: int) -> Iterator[str]:
-        """This worker's slice of this rank's slice of the epoch's shard permutation."""
-        plan = self.plan
-        epoch_rng = random.Random(_seed(plan.seed, epoch))
-        permutation = epoch_rng.sample(plan.shard_paths, len(plan.shard_paths))
-        yield from permutation[plan.rank :: plan.world_size][logical :: plan.workers]
-
-    def _resampled_shards(self, rng: random.Random) -> Iterator[str]:
-        """Endless random shards: a worker never runs dry, whatever the shard counts."""
-        while True:
-            yield rng.choice(self.plan.shard_paths)
+    def _batch(self, reader: ShardReader, decode: MomentsDecoder, samples: np.ndarray, batch_index: int) -> Batch:
+        plan, index = self.plan, self.plan.index
+        moments = np.empty((len(samples), *plan.sample_shape), dtype=np.float16)
+        # Read in file order (kind to disks and page caches), place in batch order.
+        for slot in np.lexsort((index.offset[samples], index.shard[samples])):
+            sample = samples[slot]
+            data = reader.read(int(index.shard[sample]), int(index.offset[sample]), int(index.size[sample]))
+            moments[slot] = decode(data)
+        finite = np.isfinite(moments.reshape(len(samples), -1)).all(axis=1)
+        if not finite.all():
+            sample = samples[int(np.argmin(finite))]
+            raise UserError(f"sample {reader.sample_key(sample)} in {index.shard_paths[index.shard[sample]]} holds "
+                            "non-finite latents (NaN or inf); re-encode that shard (`mdt data verify` names "
+                            "every bad sample)")
+        generator = torch.Generator().manual_seed(_seed(plan.seed, _BATCH_NOISE, plan.rank, batch_index))
+        latents = sample_latents(moments, plan.scaling_factor, plan.shift_factor, generator)
+        return {"latents": latents, "labels": torch.from_numpy(index.label[samples].copy())}
 
 
-def _raw_samples(shard_paths: Iterator[str]) -> Iterator[RawSample]:
-    """The samples of each shard in turn, with only the fields training needs read."""
-    for path in shard_paths:
-        yield from iter_tar_samples(path, fields=(MOMENTS_FIELD, LABEL_FIELD))
+def epoch_order(plan: _StreamPlan, epoch: int) -> np.ndarray:
+    """The sample numbers this rank visits in `epoch`, in order (batches are consecutive slices)."""
+    permutation = np.random.default_rng(_seed(plan.seed, _EPOCH_ORDER, epoch)).permutation(len(plan.index))
+    return permutation[plan.rank :: plan.world_size][: plan.samples_per_epoch]
 
 
 def _stack(samples: list[RawSample], decode: MomentsDecoder, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -197,14 +186,15 @@ class LatentLoader:
     Args:
         data_dir: a folder written by `mdt encode`.
         batch_size: samples per batch (per rank).
-        seed: the run's seed; with rank, world size, workers and batch size it fixes the stream.
+        seed: the run's seed; with rank, world size and batch size it fixes the stream.
         rank, world_size: default to the process group's (or 0 and 1).
-        num_workers: DataLoader workers reading and decoding shards (0: in this process).
-        shuffle_buffer: samples each worker shuffles over.
+        num_workers: DataLoader workers reading and decoding (0: in this process); any number
+            gives the same batches.
         samples_per_epoch: per rank; default total // world_size. Rounded down to whole batches.
         start_batch: the global batch index to start at (for exact resume).
         shards: names of the manifest's shards to read (e.g. a training split); default all.
         pin_memory: hand out batches in pinned memory (for asynchronous copies to a GPU).
+        read_attempts, retry_wait_s: a failed read is tried this often, waiting 1x, 2x, 4x ...
     """
 
     def __init__(
@@ -216,11 +206,12 @@ class LatentLoader:
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 2,
-        shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         start_batch: int = 0,
         shards: Sequence[str] | None = None,
         pin_memory: bool = False,
+        read_attempts: int = 4,
+        retry_wait_s: float = 1.0,
     ):
         self.manifest = read_manifest(data_dir)
         entries = [e for e in self.manifest.select_shards(shards) if e.count > 0]
@@ -228,12 +219,13 @@ class LatentLoader:
             raise UserError(f"{data_dir}: the selected shards hold no samples; pass shards with data.")
         self.rank = distributed.get_rank() if rank is None else rank
         self.world_size = distributed.get_world_size() if world_size is None else world_size
-        if batch_size <= 0 or num_workers < 0 or shuffle_buffer <= 0 or start_batch < 0:
-            raise ValueError(
-                "batch_size and shuffle_buffer must be positive, num_workers and start_batch >= 0"
-            )
+        if batch_size <= 0 or num_workers < 0 or start_batch < 0 or read_attempts < 1:
+            raise ValueError("batch_size and read_attempts must be positive, num_workers and start_batch >= 0")
         total = sum(e.count for e in entries)
-        self.samples_per_epoch = total // self.world_size if samples_per_epoch is None else samples_per_epoch
+        most = total // self.world_size
+        self.samples_per_epoch = most if samples_per_epoch is None else samples_per_epoch
+        if not 0 < self.samples_per_epoch <= most:
+            raise ValueError(f"samples_per_epoch must be in 1..{most} (the samples of one rank's share)")
         self.batches_per_epoch = self.samples_per_epoch // batch_size
         if self.batches_per_epoch == 0:
             raise UserError(
@@ -244,19 +236,23 @@ class LatentLoader:
         self.num_workers = num_workers
         self.start_batch = start_batch
         self.pin_memory = pin_memory
+        paths = [str(self.manifest.shard_path(e.name)) for e in entries]
+        index = build_index(paths, [e.count for e in entries], self.manifest.num_classes,
+                            attempts=read_attempts, wait_s=retry_wait_s)
         self.plan = _StreamPlan(
-            shard_paths=tuple(str(self.manifest.shard_path(e.name)) for e in entries),
+            index=index,
             sample_shape=self.manifest.sample_shape,
             scaling_factor=self.manifest.scaling_factor,
             shift_factor=self.manifest.shift_factor,
-            num_classes=self.manifest.num_classes,
             seed=seed,
             rank=self.rank,
             world_size=self.world_size,
-            workers=max(1, num_workers),
             batch_size=batch_size,
+            samples_per_epoch=self.samples_per_epoch,
             batches_per_epoch=self.batches_per_epoch,
-            shuffle_buffer=shuffle_buffer,
+            workers=max(1, num_workers),
+            read_attempts=read_attempts,
+            retry_wait_s=retry_wait_s,
         )
 
     @property
@@ -277,8 +273,43 @@ class LatentLoader:
             num_workers=self.num_workers,
             prefetch_factor=4,
             pin_memory=self.pin_memory,
+            worker_init_fn=_leave_stop_signals_to_the_parent,
         )
-        return iter(loader)
+        # Workers start here, with SIGTERM/SIGINT blocked: a worker never dies of a signal meant for
+        # the trainer (which the trainer would see as a crash), and one sent in this instant waits
+        # for the trainer's handler instead of being lost.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return _relay_worker_errors(batches)
+
+
+def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGTERM/SIGINT from anyone but its parent are dropped (the
+    trainer handles preemption, then shuts its workers down); the parent's own SIGTERM (the
+    DataLoader's terminate() at exit) still ends the worker."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited from the start already, under fork
+
+    def filter_stop_signals() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=filter_stop_signals, name="stop-signal-filter", daemon=True).start()
+
+
+def _relay_worker_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """A UserError raised in a worker arrives wrapped in its traceback text; pass on its sentence."""
+    try:
+        yield from batches
+    except UserError as err:
+        text = str(err)
+        marker = "UserError: "
+        raise UserError(text[text.rindex(marker) + len(marker) :].strip() if marker in text else text) from None
 
 
 def iter_validation_batches(
@@ -303,7 +334,7 @@ def iter_validation_batches(
 
     def finish(pending: list[RawSample], batch_index: int) -> Batch:
         moments, labels = _stack(pending, decode, manifest.num_classes)
-        generator = torch.Generator().manual_seed(_seed(seed, batch_index))
+        generator = torch.Generator().manual_seed(_seed(seed, _VALIDATION_NOISE, batch_index))
         latents = sample_latents(
             moments, manifest.scaling_factor, manifest.shift_factor, generator, random_view=False
         )

@@ -10,6 +10,7 @@ truncated stream, so a damaged shard fails loudly instead of yielding garbage.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 BLOCK = 512
@@ -64,15 +65,27 @@ def _pax_path(payload: bytes) -> str | None:
     return None
 
 
-def iter_tar_members(
-    stream: BinaryIO, wanted: Callable[[str], bool] | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) of the regular files in a tar stream, in stored order.
+@dataclass(frozen=True)
+class TarEntry:
+    """One regular member: its name and where its bytes lie in the file."""
 
-    Members whose name `wanted` rejects are skipped without being read into memory.
+    name: str
+    header_offset: int  # the member's first header (its long-name header, if it has one)
+    data_offset: int
+    size: int
+
+
+def _walk(stream: BinaryIO, wanted: Callable[[str], bool] | None, read: bool,
+          end: int | None) -> Iterator[tuple[TarEntry, bytes | None]]:
+    """The regular members in stored order, with the data of the `wanted` ones when `read`.
+
+    Without `read` the data is seeked over, never read; `end` (the file's size) then tells a member
+    cut short from a complete one.
     """
     long_name: str | None = None
+    member_start = stream.tell()
     while True:
+        header_offset = stream.tell()
         header = stream.read(BLOCK)
         if not header or header == b"\0" * BLOCK:
             return  # end of archive (or no end marker, as some writers do)
@@ -98,9 +111,35 @@ def iter_tar_members(
             prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
             if prefix:
                 name = prefix.decode("utf-8") + "/" + name
-        if typeflag in _REGULAR and (wanted is None or wanted(name)):
+        entry = TarEntry(name, member_start, header_offset + BLOCK, size)
+        keep = typeflag in _REGULAR and (wanted is None or wanted(name))
+        if read and keep:
             data = _read_exact(stream, size, name)
             _skip(stream, padding, name)
-            yield name, data
-        else:
+            yield entry, data
+        elif read:
             _skip(stream, size + padding, name)
+        else:
+            if end is not None and entry.data_offset + size > end:
+                raise TarFormatError(f"truncated tar: {name} is cut short")
+            stream.seek(size + padding, 1)
+            if keep:
+                yield entry, None
+        member_start = stream.tell()
+
+
+def iter_tar_members(
+    stream: BinaryIO, wanted: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of the regular files in a tar stream, in stored order.
+
+    Members whose name `wanted` rejects are skipped without being read into memory.
+    """
+    for entry, data in _walk(stream, wanted, read=True, end=None):
+        yield entry.name, data
+
+
+def iter_tar_entries(stream: BinaryIO, end: int) -> Iterator[TarEntry]:
+    """The regular members of a seekable tar of `end` bytes, without reading their data: an index."""
+    for entry, _ in _walk(stream, None, read=False, end=end):
+        yield entry
