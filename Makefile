@@ -137,6 +137,6 @@ $(DEMO)/metrics.json: $(DEMO)/samples/samples.npz $(DEMO)/classifier/classifier.
 
 demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU, minutes: DEMO/grid.png loss.png metrics.json
 	@echo "demo: $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
-	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']} | FID ({m['mode']}) {m['fid']} | precision {m['precision']} recall {m['recall']} | final val loss {t.get('final_val_loss')}\")"
+	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']:.3f} | FID ({m['mode']}) {m['fid']:.2f} | precision {m['precision']:.3f} recall {m['recall']:.3f} | final val loss {t['final_val_loss']:.4f} | training {t['wall_time_s']:.0f} s at {t['mean_images_per_s']:.0f} images/s\")"
 
 .PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo

@@ -1,1 +1,1 @@
-"""Evaluation: Inception features with clean-fid, FID and KID against reference statistics."""
+"""Evaluation: Inception features (clean and adm modes), FID, sFID, IS, precision/recall and KID."""

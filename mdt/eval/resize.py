@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from cleanfid.resize import make_resizer
 
 MODES = ("clean", "adm")
 SIZE = 299
@@ -51,6 +50,8 @@ def resize_tf_bilinear(image: np.ndarray, size: int = SIZE) -> np.ndarray:
 def build_resizer(mode: str) -> Callable[[np.ndarray], np.ndarray]:
     """The (H, W, 3) uint8 -> (299, 299, 3) float32 resize of `mode`."""
     if mode == "clean":
+        from cleanfid.resize import make_resizer
+
         return make_resizer("PIL", False, "bicubic", (SIZE, SIZE))
     if mode == "adm":
         return resize_tf_bilinear
