@@ -335,12 +335,20 @@ app.command("export")(export_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM/SIGINT stop any command cleanly with 128 + the signal
+    (`mdt train` checkpoints first); see mdt.preemption."""
+    from mdt.preemption import Interrupted, interrupt_on_stop_signals
+
     try:
-        app()
+        with interrupt_on_stop_signals():
+            app()
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except Interrupted as stop:
+        typer.echo(f"mdt: {stop}; finished files are kept, partial ones removed: run the same command again "
+                   "to complete the work", err=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

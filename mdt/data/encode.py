@@ -43,6 +43,8 @@ from mdt.data.shard_format import (
 from mdt.data.sources import InputSet, SourceImage, list_inputs
 from mdt.errors import UserError
 from mdt.fileio import atomic_path, write_json
+from mdt.locking import LOCK_NAME, exclusive_folder
+from mdt.preemption import leave_stop_signals_to_the_parent, start_workers
 from mdt.vae import DEFAULT_VAE, Autoencoder, load_autoencoder
 
 STATE_DIR = ".encode-state"
@@ -118,11 +120,19 @@ def default_workers() -> int:
 
 
 def encode_dataset(config: EncodeConfig) -> EncodeSummary:
-    """Encode `config.input` into latent shards in `config.output`; run on every rank alike."""
+    """Encode `config.input` into latent shards in `config.output`; run on every rank alike.
+    One encode per folder at a time (a second is refused, naming the first)."""
     _validate(config)
     distributed.init(timeout_minutes=RANK_WAIT_MINUTES)
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT {out}: is a file, not a folder; choose a folder for the latent shards.")
+    with exclusive_folder(out, "OUT"):
+        return _encode_locked(config, out)
+
+
+def _encode_locked(config: EncodeConfig, out: Path) -> EncodeSummary:
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
 
     inputs = list_inputs(config.input, config.class_list)
     device = torch.device(config.device) if config.device else distributed.default_device()
@@ -222,8 +232,6 @@ def _claim_output(out: Path, settings: dict[str, Any]) -> None:
     settings_path = out / STATE_DIR / SETTINGS_NAME
     manifest_path = out / MANIFEST_NAME
     recorded: dict[str, Any] | None = None
-    if out.exists() and not out.is_dir():
-        raise UserError(f"OUT {out}: is a file, not a folder; choose a folder for the latent shards.")
     try:
         if settings_path.is_file():
             recorded = json.loads(settings_path.read_text())
@@ -233,7 +241,7 @@ def _claim_output(out: Path, settings: dict[str, Any]) -> None:
         raise UserError(
             f"OUT {out}: its encode record is unreadable ({err}); encode into a new folder."
         ) from err
-    if recorded is None and out.is_dir() and any(p.name != STATE_DIR for p in out.iterdir()):
+    if recorded is None and out.is_dir() and any(p.name not in (STATE_DIR, LOCK_NAME) for p in out.iterdir()):
         raise UserError(
             f"OUT {out}: the folder is not empty and was not written by `mdt encode`; choose a new folder."
         )
@@ -424,6 +432,7 @@ def _encode_shards(
         num_workers=workers,
         collate_fn=_collate,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=leave_stop_signals_to_the_parent,
     )
     assembler = _ShardAssembler(out, shards, images)
     bar = tqdm(
@@ -437,7 +446,7 @@ def _encode_shards(
     )
     in_flight: _Encoded | None = None
     try:
-        for batch in loader:
+        for batch in start_workers(lambda: iter(loader)):
             launched = _launch_encode(vae, batch, config.flip)
             if in_flight is not None:
                 _write_encoded(in_flight, assembler, bar)

@@ -27,9 +27,6 @@ decoders (which unpickle) are never used.
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +47,7 @@ from mdt.data.shard_format import (
     iter_tar_samples,
 )
 from mdt.errors import UserError
+from mdt.preemption import leave_stop_signals_to_the_parent, start_workers
 
 Batch = dict[str, torch.Tensor]
 
@@ -57,7 +55,6 @@ Batch = dict[str, torch.Tensor]
 _EPOCH_ORDER = 0
 _BATCH_NOISE = 1
 _VALIDATION_NOISE = 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _seed(seed: int, stream: int, *key: int) -> int:
@@ -273,33 +270,10 @@ class LatentLoader:
             num_workers=self.num_workers,
             prefetch_factor=4,
             pin_memory=self.pin_memory,
-            worker_init_fn=_leave_stop_signals_to_the_parent,
+            worker_init_fn=leave_stop_signals_to_the_parent,
         )
-        # Workers start here, with SIGTERM/SIGINT blocked: a worker never dies of a signal meant for
-        # the trainer (which the trainer would see as a crash), and one sent in this instant waits
-        # for the trainer's handler instead of being lost.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            batches = iter(loader)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        return _relay_worker_errors(batches)
-
-
-def _leave_stop_signals_to_the_parent(worker_id: int) -> None:
-    """A DataLoader worker's start: SIGTERM/SIGINT from anyone but its parent are dropped (the
-    trainer handles preemption, then shuts its workers down); the parent's own SIGTERM (the
-    DataLoader's terminate() at exit) still ends the worker."""
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited from the start already, under fork
-
-    def filter_stop_signals() -> None:
-        while True:
-            info = signal.sigwaitinfo(STOP_SIGNALS)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=filter_stop_signals, name="stop-signal-filter", daemon=True).start()
+        # A worker must not die of a signal meant for the trainer: the trainer would see a crash.
+        return _relay_worker_errors(start_workers(lambda: iter(loader)))
 
 
 def _relay_worker_errors(batches: Iterator[Batch]) -> Iterator[Batch]:

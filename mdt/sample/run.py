@@ -23,6 +23,7 @@ from mdt.diffusion.edm import EDMConfig, karras_sigmas
 from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
 from mdt.fileio import write_json
+from mdt.locking import exclusive_folder
 from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
@@ -187,8 +188,16 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
 
 
 def run_sampling(config: SampleConfig) -> SampleResult:
-    """Make samples 0..N-1 that are not yet in `config.out`, split over all ranks."""
+    """Make samples 0..N-1 that are not yet in `config.out`, split over all ranks; one sampling run
+    per folder at a time (a second is refused, naming the first)."""
     dist.init()
+    if config.out.exists() and not config.out.is_dir():
+        raise UserError(f"--out {config.out} is a file; choose a folder for the samples.")
+    with exclusive_folder(config.out, "--out"):
+        return _sample_locked(config)
+
+
+def _sample_locked(config: SampleConfig) -> SampleResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(config.device) if config.device else dist.default_device()
     checkpoint = read_checkpoint(config.ckpt)

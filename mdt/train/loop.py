@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from mdt.data.reader import LatentLoader, iter_validation_batches
 from mdt.diffusion import diffusion_from_dict, make_objective
 from mdt.errors import UserError
 from mdt.fileio import write_json
+from mdt.locking import exclusive_folder
 from mdt.models import DiffusionTransformer, ModelConfig, model_config, read_model_config
+from mdt.preemption import StopRequest
 from mdt.train.config import TrainConfig
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
@@ -45,6 +48,9 @@ from mdt.train.run_dir import (
 from mdt.train.schedules import lr_multiplier, unmask_ratio
 
 VALIDATION_SEED = 20240601  # fixed: every run and model is validated on the same noise
+# Settings that fix which batches each step sees: a resume with other values would silently train on
+# another stream than the uninterrupted run (the loader worker count does not matter).
+STREAM_SETTINGS = ("micro_batch", "grad_accum", "seed")
 
 
 class TrainingError(RuntimeError):
@@ -59,23 +65,6 @@ class TrainResult:
 
 def _mix(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def check_data_matches_model(manifest: Manifest, cfg: ModelConfig) -> None:
@@ -169,14 +158,41 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train into `cfg.out` (or continue it, with `resume`); one writer per run folder."""
     init_process_group()
-    rank, world = distributed.get_rank(), distributed.get_world_size()
     run = RunDir(Path(cfg.out))
+    with exclusive_folder(run.root, "--resume" if resume else "--out"):
+        return _train(cfg, run, resume)
+
+
+def check_resume_settings(run: RunDir, cfg: TrainConfig, recorded_world: int | None, world: int) -> None:
+    saved = load_run_config(run.root)
+    for key in STREAM_SETTINGS:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UserError(f"--resume {run.root}: {key} is {getattr(cfg, key)} but the run was trained with "
+                            f"{saved[key]}, so the batches after the resume point would differ from the "
+                            f"uninterrupted run's; resume with {key}={saved[key]}, or start a new run with "
+                            f"--init-from {run.root}")
+    if recorded_world is not None and recorded_world != world:
+        raise UserError(f"--resume {run.root}: the run was trained on {recorded_world} processes and this launch "
+                        f"has {world}; the optimizer's ZeRO partitions and the data split depend on it: launch "
+                        f"{recorded_world} processes, or start a new run with --init-from {run.root}")
+
+
+def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     manifest = read_manifest(cfg.data)
-    latest = run.latest() if resume else None
-    if resume and latest is None:
-        raise UserError(f"--resume {run.root}: no complete checkpoint in {run.checkpoints}; start a new run instead")
-    if not resume and run.latest() is not None:
+    latest = None
+    if resume:
+        tag, step, skipped = run.resumable()
+        for problem in skipped:
+            distributed.print0(f"mdt train: skipping an incomplete checkpoint: {problem}")
+        if skipped:
+            distributed.print0(f"mdt train: resuming from {tag}, the newest whole checkpoint")
+        latest = (tag, step)
+        record = run.latest_record() or {}
+        check_resume_settings(run, cfg, record.get("world_size"), world)
+    elif run.latest() is not None:
         raise UserError(f"{run.root} already holds a run; pass --resume {run.root} to continue it, "
                         "or choose another --out")
 
@@ -247,26 +263,37 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     def save(step: int) -> None:
         tag = tag_for(step)
-        engine.save(run.checkpoints, tag, {"step": step})
-        weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
-        with engine.masters_replaced_by(ema.shadow):
-            ema_weights = engine.full_fp32_params()
-        if distributed.is_main():
-            folder = run.checkpoints / tag
-            write_export(folder / "ema", model, ema_weights, diffusion.to_dict(), data_manifest)
-            write_export(folder / "weights", model, weights, diffusion.to_dict(), data_manifest)
-            run.mark_latest(tag, step)
-            replace_folder(folder / "ema", run.ema)
-            run.prune(cfg.keep_last)
+        try:
+            engine.save(run.checkpoints, tag, {"step": step})
+            weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
+            with engine.masters_replaced_by(ema.shadow):
+                ema_weights = engine.full_fp32_params()
+            if distributed.is_main():
+                folder = run.checkpoints / tag
+                write_export(folder / "ema", model, ema_weights, diffusion.to_dict(), data_manifest)
+                write_export(folder / "weights", model, weights, diffusion.to_dict(), data_manifest)
+            distributed.barrier()  # every rank's optimizer partition is on disk
+            if distributed.is_main():
+                run.record_files(tag)
+                run.mark_latest(tag, step, world)
+                replace_folder(folder / "ema", run.ema)
+                run.prune(cfg.keep_last)
+        except OSError as err:  # a full disk, a lost mount, no permission: stop, the previous one stays
+            previous = run.latest()
+            if distributed.is_main():
+                shutil.rmtree(run.checkpoints / tag, ignore_errors=True)  # free what the partial save took
+            raise TrainingError(f"writing checkpoint {tag} into {run.checkpoints} failed ({err}); "
+                                f"{'the checkpoint ' + previous[0] if previous else 'no earlier checkpoint'} stays "
+                                f"in charge; free space or fix the folder, then --resume {run.root}") from err
         distributed.barrier()
 
     log = MetricsLog(run.metrics, resume_step=start_step if resume else None,
                      tensorboard_dir=run.root / "tensorboard" if cfg.tensorboard else None)
     # Pinned batches copy to a GPU without making the host wait for it.
     on_gpu = engine.device.type == "cuda"
+    stop = StopRequest()  # from here a signal means: finish the step, checkpoint, exit 143
     loader = iter(LatentLoader(cfg.data, cfg.micro_batch, seed=cfg.seed, num_workers=cfg.num_workers,
                                start_batch=start_step * cfg.grad_accum, shards=train_shards, pin_memory=on_gpu))
-    stop = StopRequest()
     tokens_per_image = model_cfg.num_tokens
     window: dict[str, float] = {}
     window_steps, window_time = 0, 0.0
@@ -295,7 +322,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             step += 1
             step_time = time.perf_counter() - step_start
 
-            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signal_name is not None)],
+            # Every rank learns of a non-finite loss or a stop signal (its number) on any rank.
+            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signum)],
                                  device=engine.device)
             if distributed.is_initialized():
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -326,9 +354,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 log.write({"step": step, **val, "wall_time_s": time.perf_counter() - wall_start})
             if flags[1] > 0:
                 save(step)
-                distributed.print0(f"mdt train: stopped by {stop.signal_name or 'a signal on another rank'} at step "
-                                   f"{step}; checkpoint saved, resume with --resume {run.root}")
-                return TrainResult(step, stop.signal_name or "signal")
+                name = signal.Signals(int(flags[1])).name
+                distributed.print0(f"mdt train: stopped by {name} at step {step}; checkpoint saved, resume with "
+                                   f"--resume {run.root}")
+                return TrainResult(step, name)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save(step)
     finally:

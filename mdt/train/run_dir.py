@@ -5,13 +5,15 @@
     RUN/metrics.jsonl          one JSON object per logged step or validation
     RUN/metrics.json           summary, written at the end
     RUN/ema/                   latest EMA export (what `mdt sample --ckpt RUN` reads)
-    RUN/checkpoints/LATEST.json           {"tag", "step"} of the newest complete checkpoint
+    RUN/checkpoints/LATEST.json           {"tag", "step", "world_size"} of the newest complete checkpoint
     RUN/checkpoints/step_00001000/        DeepSpeed state (exact resume) + ema/ + weights/
+    RUN/checkpoints/step_00001000/files.json   every file of the checkpoint and its size, written last
 
 An export folder holds model.safetensors + model_config.json (rebuild the model alone),
 diffusion.json (the noise schedule) and data_manifest.json (the VAE to decode with).
-A checkpoint counts only once LATEST.json names it, so a crash during a save leaves the previous
-one in charge.
+A checkpoint counts only once its files.json and then LATEST.json are written, so a crash during a
+save leaves the previous one in charge; a resume checks the files against files.json and falls
+back to the newest checkpoint that is whole (a file truncated or lost later, e.g. by a full disk).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mdt.models import save_pretrained
 from mdt.models.io import WEIGHTS
 
 LATEST = "LATEST.json"
+FILES = "files.json"
 DIFFUSION = "diffusion.json"
 DATA_MANIFEST = "data_manifest.json"
 
@@ -63,24 +66,71 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     def latest(self) -> tuple[str, int] | None:
+        record = self.latest_record()
+        return None if record is None else (record["tag"], int(record["step"]))
+
+    def latest_record(self) -> dict | None:
         path = self.checkpoints / LATEST
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
-        return record["tag"], int(record["step"])
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: `resumable` falls back to the folders' own records
 
-    def mark_latest(self, tag: str, step: int) -> None:
-        write_json(self.checkpoints / LATEST, {"tag": tag, "step": step})
+    def mark_latest(self, tag: str, step: int, world_size: int) -> None:
+        write_json(self.checkpoints / LATEST, {"tag": tag, "step": step, "world_size": world_size})
+
+    def record_files(self, tag: str) -> None:
+        """Write tag/files.json: every file of the finished checkpoint with its size."""
+        folder = self.checkpoints / tag
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != FILES}
+        write_json(folder / FILES, files)
+
+    def problem(self, tag: str) -> str | None:
+        """Why checkpoint `tag` cannot be resumed from (a missing or cut file), or None if it is whole."""
+        folder = self.checkpoints / tag
+        try:
+            files = json.loads((folder / FILES).read_text())
+        except FileNotFoundError:
+            return f"{folder} has no {FILES} (its save did not finish)"
+        except (OSError, ValueError) as err:
+            return f"{folder / FILES} is unreadable ({err})"
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != size:
+                return f"{path} holds {path.stat().st_size} of its {size} bytes"
+        return None
+
+    def resumable(self) -> tuple[str, int, list[str]]:
+        """(tag, step, what was skipped) of the newest whole checkpoint; raises naming the problem.
+
+        Checkpoints written before files.json existed are trusted when LATEST.json names them.
+        """
+        record = self.latest_record()
+        if record and "world_size" not in record and (self.checkpoints / record["tag"]).is_dir():
+            return record["tag"], int(record["step"]), []  # written before files.json existed
+        skipped = []
+        for folder in sorted((p for p in self.checkpoints.glob("step_*") if p.is_dir()), reverse=True):
+            problem = self.problem(folder.name)
+            if problem is None:
+                return folder.name, int(folder.name[5:]), skipped
+            skipped.append(problem)
+        if not skipped:
+            raise UserError(f"--resume {self.root}: no checkpoint in {self.checkpoints}; start a new run instead")
+        raise UserError(f"--resume {self.root}: no checkpoint is whole ({skipped[0]}); restore the file or start "
+                        "a new run")
 
     def prune(self, keep_last: int) -> None:
-        """Delete checkpoints older than the newest `keep_last` complete ones, and stale partial ones."""
+        """Delete all but the newest `keep_last` checkpoints (the newest being the one just marked)."""
         latest = self.latest()
         if latest is None:
             return
-        latest_step = latest[1]
-        tags = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
-        complete = [p for p in tags if int(p.name[5:]) <= latest_step]
-        for path in complete[:-keep_last]:
+        tags = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir() and int(p.name[5:]) <= latest[1])
+        for path in tags[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
 
