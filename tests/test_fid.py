@@ -213,7 +213,10 @@ def test_bad_inputs_are_one_sentence_each(data, tmp_path: Path) -> None:
     np.savez(bare, mu=np.zeros(16), sigma=np.eye(16))
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(data["npz"].read_bytes()[:5000])
+    broken = _write_images(tmp_path / "broken", 4, (32, 32), seed=5)
+    (broken / "000002.png").write_bytes((broken / "000002.png").read_bytes()[:100])  # header intact, data cut
     cases = [
+        (dict(samples=broken), "000002.png cannot be read as an image"),
         (dict(samples=mixed), "mixes resolutions"),
         (dict(num=1000), f"holds {N} images but --num asks for 1000"),
         (dict(samples=_write_images(tmp_path / "small", 4, (16, 16), seed=4)), "16 px"),
@@ -262,6 +265,12 @@ def test_cli_fid_ref_and_fid(data, tmp_path: Path) -> None:
     assert metrics["feature_network_source"] == "--inception"
     bad = run_cli("fid", "--samples", str(tmp_path / "nope"), "--ref", str(ref))
     assert bad.returncode == 2 and "--samples" in bad.stderr and "Traceback" not in bad.stderr
+    # A broken image met by a loader worker process: still one sentence, not the worker's traceback.
+    broken = _write_images(tmp_path / "broken", 3, (32, 32), seed=5)
+    (broken / "000001.png").write_bytes((broken / "000001.png").read_bytes()[:100])
+    bad = run_cli("fid", "--samples", str(broken), "--ref", str(ref), "--inception", str(data["net"]), "--workers", "2")
+    assert bad.returncode == 2 and "000001.png cannot be read as an image" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
 
 
 def test_two_processes_compute_the_features_of_one(data, tmp_path: Path) -> None:

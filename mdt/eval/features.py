@@ -130,9 +130,17 @@ class _Resized(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        resized = build_resizer(self.mode)(self.source.image(i))  # (299, 299, 3) float32 in [0, 255]
-        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        """(3, 299, 299) float32 in [0, 255], and "" or why image i could not be read (raised by the caller:
+        an exception raised in a loader worker would reach the user wrapped in the worker's traceback)."""
+        try:
+            resized = build_resizer(self.mode)(self.source.image(i))  # (299, 299, 3)
+        except UserError as err:
+            return torch.zeros(3, 299, 299), str(err)
+        except (OSError, ValueError) as err:
+            name = self.source.files[i] if isinstance(self.source, FileImages) else f"image {i} of {self.source.path}"
+            return torch.zeros(3, 299, 299), f"{name} cannot be read as an image ({err}); replace or remove it."
+        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1), ""
 
 
 @dataclass
@@ -177,7 +185,9 @@ def extract_features(source: ImageSource, net: FeatureNetwork, mode: str, *, bat
     start = time.perf_counter()
     with tqdm(total=count, unit="img", desc=f"{desc} [{mode}]{suffix}", disable=not verbose or rank != 0,
               dynamic_ncols=True) as bar:
-        for images in loader:
+        for images, problems in loader:
+            if any(problems):
+                raise UserError(next(p for p in problems if p))
             out = net(images)
             for k in keys:
                 local[k].append(out[k].numpy())

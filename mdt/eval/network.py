@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.metadata
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,9 @@ class FeatureNetwork(nn.Module):
         self.device = device
         self.sha1 = file_sha1(choice.path)
         try:
-            base = torch.jit.load(str(choice.path), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript, the format both ports ship in
+                warnings.simplefilter("ignore", FutureWarning)
+                base = torch.jit.load(str(choice.path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as err:
             raise UserError(f"{choice.path} is not a TorchScript Inception network ({str(err).splitlines()[0]}); "
                             "pass another --inception or reinstall it.") from None
