@@ -15,15 +15,19 @@ NPROC ?= 1
 NODES ?= 1
 HOSTFILE ?=
 NODE_RANK ?= 0
+# On SIGTERM torchrun forwards it to its ranks, then SIGKILLs them after this many seconds (its own
+# default is 30): long enough for the trainer to finish its step and write the checkpoint.
+STOP_TIMEOUT ?= 240
+TORCHRUN_STOP = --shutdown_timeout $(STOP_TIMEOUT)
 RDZV ?=
 ifneq ($(strip $(HOSTFILE)),)
 LAUNCH = $(VENV)/bin/deepspeed --hostfile $(HOSTFILE) --num_nodes $(NODES) --num_gpus $(NPROC) --module mdt.cli
 else ifneq ($(strip $(RDZV)),)
 # One make per node (SLURM's srun, pipelines/slurm.sbatch): torchrun joins the nodes at RDZV=host:port.
-LAUNCH = $(PY) -m torch.distributed.run --nnodes $(NODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
+LAUNCH = $(PY) -m torch.distributed.run --nnodes $(NODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) $(TORCHRUN_STOP) \
 	--master_addr $(word 1,$(subst :, ,$(RDZV))) --master_port $(word 2,$(subst :, ,$(RDZV))) -m mdt.cli
 else ifneq ($(NPROC),1)
-LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m mdt.cli
+LAUNCH = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) $(TORCHRUN_STOP) -m mdt.cli
 else
 LAUNCH = $(PY) -m mdt.cli
 endif
