@@ -40,7 +40,8 @@ def test_dit_count_is_the_closed_form_attention_included(name: str) -> None:
 
 @pytest.mark.parametrize(("name", "ratio"), PASSES)
 def test_stats_count_what_a_real_cpu_pass_computes(name: str, ratio: float) -> None:
-    """A real model, batch 2, with gradients (the CPU's fused attention kernel where SDPA picks it)."""
+    """A real model on the CPU, batch 2, its own random mask: twice the per-image count that
+    `model_stats` takes from one image (on the meta device when unmasked)."""
     torch.manual_seed(0)
     model = create_model(name)
     cfg = model.config
