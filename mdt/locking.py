@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -70,7 +69,7 @@ def exclusive_folder(folder: str | os.PathLike[str], flag: str) -> Iterator[None
     `flag` names the folder the way the user gave it (e.g. "--out runs/x").
     """
     folder = Path(folder)
-    created = not folder.exists()
+    created_folder, created_file = not folder.exists(), not (folder / LOCK_NAME).exists()
     fd, holder = _try_lock(folder) if distributed.is_main() else (None, "")
     if not _agree(fd is not None or not distributed.is_main()):
         raise UserError(f"{flag} {folder} is in use by {holder or 'another mdt process (see rank 0)'}; "
@@ -78,8 +77,11 @@ def exclusive_folder(folder: str | os.PathLike[str], flag: str) -> Iterator[None
     try:
         yield
     except BaseException:
-        if created and fd is not None and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-            shutil.rmtree(folder, ignore_errors=True)  # stopped before writing anything: leave no folder
+        # A command refused or failed on its first use of the folder leaves no trace of the lock.
+        if fd is not None and created_file:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            if created_folder and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     finally:
         if fd is not None:
