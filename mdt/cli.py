@@ -91,6 +91,8 @@ def train_command(
     init_from: str = typer.Option(None, help="start from a run/checkpoint/export's weights (unmask tuning)"),
     mask_schedule: str = typer.Option(None, help="unmask tuning: none | zero | cosine"),
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
+                                 "yes, on the CPU no)"),
     set_: list[str] = typer.Option([], "--set", help="any other setting, key=value (e.g. objective.mask_ratio=0.4)"),
     local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
@@ -102,7 +104,7 @@ def train_command(
                      micro_batch=micro_batch, grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every,
                      val_every=val_every, val_shards=val_shards, log_every=log_every, seed=seed,
                      precision=precision, num_workers=num_workers, init_from=init_from,
-                     mask_schedule=mask_schedule, tensorboard=tensorboard)
+                     mask_schedule=mask_schedule, tensorboard=tensorboard, compile=compile)
     for item in set_:
         key, sep, value = item.partition("=")
         if not sep:
@@ -218,6 +220,8 @@ def sample_command(
     vae: str | None = typer.Option(None, help="Override the VAE recorded in the checkpoint's data manifest."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 autocast for the model."),
     device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
+                                 "yes, on the CPU no)"),
 ) -> None:
     """Sample images from a checkpoint, guided, on one or many processes (torchrun)."""
     from mdt.sample.guidance import GuidanceConfig
@@ -237,6 +241,7 @@ def sample_command(
             ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
             steps=v["steps"], spacing=v["spacing"], churn=float(v["churn"]), guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
             batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
+            compile=v["compile"],
         )
     )
     print0(

@@ -1,9 +1,11 @@
 """Multi-head self-attention with an optional additive bias, over two interchangeable backends.
 
-Backends: PyTorch `scaled_dot_product_attention` (CPU and GPU, always available) and xformers
-`memory_efficient_attention` (CUDA only, optional). `auto` picks xformers for CUDA tensors when it
-is installed, SDPA otherwise; `MDT_ATTENTION_BACKEND=sdpa|xformers|auto` overrides the default of
-every module, and a module's `backend` argument overrides both.
+Backends: PyTorch `scaled_dot_product_attention` (CPU and GPU, always available), xformers
+`memory_efficient_attention` (CUDA only, optional) and PyTorch FlexAttention (`flex`: the bias is
+added by a `score_mod` that reads it, so it is never expanded per sample; compiled on CUDA; on the
+CPU forward only, as torch has no CPU backward for it). `auto` picks xformers for CUDA tensors when
+it is installed, SDPA otherwise; `MDT_ATTENTION_BACKEND=sdpa|xformers|flex|auto` overrides the
+default of every module, and a module's `backend` argument overrides both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKENDS = ("auto", "sdpa", "xformers")
+BACKENDS = ("auto", "sdpa", "xformers", "flex")
 ENV_VAR = "MDT_ATTENTION_BACKEND"
 
 
@@ -51,7 +53,7 @@ def xformers_usable(device: torch.device) -> bool:
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:
-    """The backend that will run on `device`: 'sdpa' or 'xformers'."""
+    """The backend that will run on `device`: 'sdpa', 'xformers' or 'flex'."""
     choice = requested or os.environ.get(ENV_VAR, "auto")
     if choice not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {choice!r} (check {ENV_VAR})")
@@ -87,6 +89,35 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     return scores.softmax(dim=-1) @ v
 
 
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=None)
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """FlexAttention with the bias read per score: (H, N, N) by head, (B, H, N, N) by sample and head."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, bias)):
+        raise ValueError("attention backend 'flex' has no backward on the CPU in this torch; use 'sdpa' to train "
+                         "on the CPU")
+    score_mod = None
+    if bias is not None and bias.dim() == 3:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[h, q_idx, kv_idx]
+    elif bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx]
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, score_mod=score_mod)
+    with warnings.catch_warnings():  # on the CPU the unfused reference is what there is
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
               backend: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v.
@@ -101,6 +132,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         if bias is not None and bias.requires_grad and q.device.type == "cpu":
             return _explicit_attention(q, k, v, bias)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if chosen == "flex":
+        return _flex_attention(q, k, v, bias)
     import xformers.ops as xops
 
     attn_bias = _xformers_bias(bias, q.shape[0], q) if bias is not None else None

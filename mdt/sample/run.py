@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mdt import distributed as dist
+from mdt.compiling import compile_wanted, maybe_compile
 from mdt.diffusion.edm import EDMConfig, karras_sigmas
 from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
@@ -55,6 +56,7 @@ class SampleConfig:
     precision: str = "fp32"
     device: str | None = None
     progress: bool = True
+    compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
 
 
 @dataclass
@@ -145,8 +147,8 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
     return vae
 
 
-def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int] | list[float], vae_spec: str
-                ) -> dict[str, Any]:
+def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int] | list[float], vae_spec: str,
+                device: torch.device) -> dict[str, Any]:
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
@@ -159,6 +161,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[in
         "vae": vae_spec,
         "precision": config.precision,
         "batch_size": config.batch_size,
+        "compiled": compile_wanted(config.compile, device),
         "num_samples": config.num_samples,
         "model_config": checkpoint.model_config,
         "class_names": checkpoint.class_names,
@@ -185,6 +188,9 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
             f"note: resuming with --batch-size {record['batch_size']} (was {previous.get('batch_size')}); new images "
             "may differ from an uninterrupted run in the last float bits, as forward shapes changed."
         )
+    if previous.get("compiled", False) != record["compiled"]:
+        dist.print0("note: resuming with torch.compile " + ("on" if record["compiled"] else "off") + "; new images "
+                    "may differ from an uninterrupted run in the last float bits (other kernels).")
 
 
 def run_sampling(config: SampleConfig) -> SampleResult:
@@ -204,11 +210,12 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
     timesteps = _validate(config, checkpoint)
     classes = parse_classes(config.classes, checkpoint.num_classes)
     vae = _load_autoencoder(checkpoint, config.vae, device)
-    record = _run_record(config, checkpoint, timesteps, vae.spec)
+    record = _run_record(config, checkpoint, timesteps, vae.spec, device)
 
     from mdt.models import load_pretrained
 
     model = load_pretrained(checkpoint.export_dir, device=device)
+    maybe_compile(model, config.compile, device)
     denoiser = ClassifierFreeGuidance(
         model,
         config.guidance,

@@ -51,8 +51,12 @@ class TrainConfig:
     mask_schedule: str = "none"  # unmask tuning: "zero" or "cosine" decay of the mask ratio
     init_from: str | None = None
     tensorboard: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
+    activation_checkpointing: bool = False  # recompute block activations in backward (24-40 GB cards)
 
     def validate(self) -> None:
+        if isinstance(self.compile, str):  # `--set compile=true`, or `compile: auto` in a recipe
+            self.compile = None if self.compile == "auto" else _parse("compile", self.compile)
         if not self.data:
             raise UserError("no training data given; pass --data LATENTS (a folder written by `mdt encode`)")
         if not self.out:
@@ -69,6 +73,8 @@ class TrainConfig:
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
             (self.mask_schedule in MASK_SCHEDULES, f"mask_schedule must be one of {MASK_SCHEDULES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.compile in (True, False, None), "compile must be true, false or auto"),
+            (isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false"),
             (self.val_every == 0 or self.val_shards > 0,
              "val_every needs held-out data: set val_shards to the number of shards to hold out"),
         ]

@@ -24,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from mdt import distributed
+from mdt.compiling import maybe_compile
 from mdt.data.manifest import Manifest, read_manifest
 from mdt.data.reader import LatentLoader, iter_validation_batches
 from mdt.diffusion import diffusion_from_dict, make_objective
@@ -217,6 +218,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
     model = DiffusionTransformer(model_cfg)
     if init_weights_dir is not None:
         model.load_state_dict(read_weights(init_weights_dir))
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    compiled = maybe_compile(model, cfg.compile, distributed.default_device())
     try:  # DDPM or EDM: the recipe's `diffusion:` section, else the family's formulation
         diffusion = diffusion_from_dict({**cfg.diffusion, "learn_sigma": model_cfg.learn_sigma},
                                         family=model_cfg.family)
@@ -259,6 +262,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
         f"{manifest.root} [{len(train_shards)} train / {len(val_shards)} val shards], world size {world}, "
         f"global batch {global_batch} = micro {cfg.micro_batch} x accum {cfg.grad_accum} x {world} ranks, "
         f"ZeRO-{engine.zero_stage}, {'bf16' if engine.dtype == torch.bfloat16 else 'fp32'}, "
+        f"{'compiled' if compiled else 'eager'}{', activation checkpointing' * cfg.activation_checkpointing}, "
         f"steps {start_step} -> {cfg.steps}")
 
     def save(step: int) -> None:
