@@ -9,13 +9,16 @@ import dataclasses
 from typing import Any
 
 from mdt.diffusion.edm import EDMConfig, EDMObjective
+from mdt.diffusion.mdsm import MDSMObjective
 from mdt.diffusion.objectives import DiffusionObjective, MDTObjective
 from mdt.diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 DiffusionConfig = ScheduleConfig | EDMConfig
 FORMULATIONS = {"ddpm": ScheduleConfig, "edm": EDMConfig}
 # MaskDiT trains with EDM as its paper does; the others with DiT's DDPM.
-DEFAULT_FORMULATION = {"dit": "ddpm", "mdt": "ddpm", "mdtv2": "ddpm", "maskdit": "edm"}
+DEFAULT_FORMULATION = {"dit": "ddpm", "mdt": "ddpm", "mdtv2": "ddpm", "maskdit": "edm", "uvit": "ddpm"}
+# Settings a family's paper changes from the formulation's defaults: MaskDM trains on cosine betas.
+FAMILY_DIFFUSION = {"uvit": {"beta_schedule": "cosine"}}
 
 
 def diffusion_from_dict(data: dict[str, Any], *, family: str | None = None) -> DiffusionConfig:
@@ -31,7 +34,8 @@ def diffusion_from_dict(data: dict[str, Any], *, family: str | None = None) -> D
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {formulation} setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**{**data, "formulation": formulation})
+    defaults = FAMILY_DIFFUSION.get(family or "", {}) if formulation == "ddpm" else {}
+    return cls(**{**defaults, **data, "formulation": formulation})
 
 
 def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size: int, learn_sigma: bool = True,
@@ -39,7 +43,8 @@ def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size:
     """The objective of a model family under `diffusion` (default: the family's formulation), with the
     papers' defaults; `options` override them.
 
-    DDPM: DiT plain; MDT mask ratio 0.3; MDTv2 ratio in [0.3, 0.5] with Min-SNR-5. EDM: MaskDiT mask
+    DDPM: DiT plain; MDT mask ratio 0.3; MDTv2 ratio in [0.3, 0.5] with Min-SNR-5; the U-ViT MaskDM's
+    MDSM (4x4-patch blocks, ratio 0.9; ratio 0 fine-tunes), no class dropout. EDM: MaskDiT mask
     ratio 0.5 with MAE weight 0.1; DiT unmasked (a baseline MaskDiT's paper compares with). Class
     dropout 0.1 for all.
     """
@@ -54,6 +59,9 @@ def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size:
                             **{**defaults, **options})
     if family == "maskdit":
         raise ValueError("MaskDiT trains with EDM (its paper's formulation); use formulation edm")
+    if family == "uvit":  # MaskDM: MDSM pre-training (block masks, 90%); mask_ratio 0 is its fine-tuning
+        return MDSMObjective(NoiseSchedule(diffusion), num_classes=num_classes, grid_size=grid_size,
+                             patch_size=patch_size, **options)
     schedule = NoiseSchedule(diffusion)
     common = {"num_classes": num_classes, "learn_sigma": learn_sigma}
     if family == "dit":

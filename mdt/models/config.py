@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-FAMILIES = ("dit", "mdt", "mdtv2", "maskdit")
+FAMILIES = ("dit", "mdt", "mdtv2", "maskdit", "uvit")
 RESTORES = ("none", "side_interpolater", "mask_token")
 
 
@@ -22,6 +22,10 @@ class ModelConfig:
     - MaskDiT: `depth` encoder blocks on visible tokens, a decoder layer (conditioned norm + linear)
       to `decoder_hidden_size`, mask tokens, then `decoder_depth` blocks of that width on all
       tokens, conditioned on the encoder-width condition; the null class embeds to zero.
+    - U-ViT (MaskDM, `mdt.models.uvit`): time (and, with classes, the label) as tokens before the
+      patches, `depth` plain pre-norm blocks (an odd number: in-blocks, a middle block, out-blocks
+      joined to the in-blocks by long skips), no adaLN; with a mask only the visible tokens run.
+      `num_classes=0` is an unconditional model.
     """
 
     name: str
@@ -63,6 +67,12 @@ class ModelConfig:
             raise ValueError(f"long skips pair the encoder's halves: its depth {self.encoder_depth} must be even")
         if self.restore == "none" and self.decoder_depth:
             raise ValueError("decoder_depth needs restore='side_interpolater' or 'mask_token'")
+        if self.family == "uvit":
+            if self.depth % 2 == 0 or self.restore != "none" or self.learn_sigma or self.num_classes < 0:
+                raise ValueError(f"a U-ViT has an odd depth (in-blocks, a middle block, out-blocks), no decoder, "
+                                 f"no learned sigma and num_classes >= 0; got depth={self.depth}, "
+                                 f"restore={self.restore!r}, learn_sigma={self.learn_sigma}, "
+                                 f"num_classes={self.num_classes}")
 
     @property
     def grid_size(self) -> int:
@@ -82,7 +92,7 @@ class ModelConfig:
 
     @property
     def supports_mask(self) -> bool:
-        return self.restore != "none"
+        return self.restore != "none" or self.family == "uvit"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from mdt.models.config import ModelConfig
 from mdt.models.io import save_pretrained
 from mdt.models.official import read_official, to_mdt_state_dict
 from mdt.models.registry import FAMILY_NAMES, model_config
+from mdt.models.registry import build_model as build_family_model
 from mdt.models.transformer import DiffusionTransformer
 
 # Fields a preset fixes that the tensors also determine: a contradiction is refused.
@@ -153,7 +154,7 @@ def resolve_config(model: str, dims: dict, family: str, sets: list[str], *, inpu
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, Tensor], source: Path) -> DiffusionTransformer:
-    model = DiffusionTransformer(config)
+    model = build_family_model(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
@@ -178,6 +179,7 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
     if out.exists():
         raise UserError(f"{out} already exists; pass a new folder for the import")
     checks = dict(input_size=input_size, num_classes=num_classes)
+    schedule: dict = {}  # what the checkpoint records of its diffusion schedule (MaskDM: cosine betas)
     if source.is_dir():
         dims, state_dict = read_diffusers_folder(source)
         config = resolve_config(model, dims, "dit", list(sets), **checks)
@@ -186,18 +188,19 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
         tensors, what = select_state_dict(load_checkpoint_file(source, trust_pickle), source)
         official = read_official(tensors)
         if official is None:
-            raise UserError(f"{source} ({what}) is not an official DiT, MDT or MDTv2 checkpoint: its keys start "
-                            f"{sorted(tensors)[:6]}; mdt import reads those and diffusers DiT folders")
+            raise UserError(f"{source} ({what}) is not an official DiT, MDT, MDTv2, MaskDiT or MaskDM checkpoint: its "
+                            f"keys start {sorted(tensors)[:6]}; mdt import reads those and diffusers DiT folders")
         config = resolve_config(model, official.dims, official.family, list(sets), **checks)
         # The official layout maps onto mdt's once the encoder depth (MDTv1: from --set) is known.
         state_dict = to_mdt_state_dict(official, config.encoder_depth, config.grid_size)
         fmt = f"official {official.family}"
+        schedule = official.schedule
     network = build_model(config, state_dict, source)
     staging = out.with_name(f".{out.name}.importing")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_pretrained(network, staging)
-        write_json(staging / "diffusion.json", ScheduleConfig(learn_sigma=config.learn_sigma).to_dict())
+        write_json(staging / "diffusion.json", ScheduleConfig(learn_sigma=config.learn_sigma, **schedule).to_dict())
         write_json(staging / "import.json", {"source": str(source.resolve()), "format": fmt, "read": what,
                                              "vae": "not recorded: pass --vae to mdt sample"})
         staging.rename(out)

@@ -74,7 +74,9 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights} does not exist; the folder has a model config but no weights")
-    model = DiffusionTransformer(config)
+    from mdt.models.registry import build_model  # the family's class (the U-ViT, or the transformer)
+
+    model = build_model(config)
     missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
     if missing or unexpected:
         raise UserError(f"{weights} does not match {directory / CONFIG}: missing {missing[:3]}, "

@@ -2,7 +2,10 @@
 
 A mask is a bool tensor (B, N) over the row-major token grid, True where a token is DROPPED.
 Every sample of a batch drops the same number of tokens so the kept tokens stack into (B, K, D).
-Strategies: random patches (MAE, MDT, MaskDiT) and MaskDM's block-wise and crop masks.
+Strategies: random patches (MAE, MDT, MaskDiT) and MaskDM's block-wise and crop masks, with the
+counts of jiachenlei/maskdm `datasets/masking_generator.py`: its patch masks drop int(ratio N)
+tokens (`random_mask(..., num_drop=maskdm_num_drop(N, ratio))`), its block masks int(ratio N) // b^2
+blocks, its crop masks keep one window of a given side.
 """
 
 from __future__ import annotations
@@ -31,34 +34,51 @@ def num_kept(num_tokens: int, ratio: float | torch.Tensor) -> int:
     return int(num_tokens * (1 - ratio))
 
 
-def random_mask(batch: int, grid_size: int, ratio: float | torch.Tensor, *,
+def maskdm_num_drop(num_tokens: int, ratio: float) -> int:
+    """MaskDM's patch-mask count: int(ratio N) tokens dropped (MAE's int(N (1 - ratio)) kept can keep
+    one fewer: 409 instead of 410 of 4096 at 0.9)."""
+    return int(ratio * num_tokens)
+
+
+def random_mask(batch: int, grid_size: int, ratio: float | torch.Tensor, *, num_drop: int | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Keep int(N (1 - ratio)) tokens chosen uniformly at random per sample; drop the rest."""
+    """Keep int(N (1 - ratio)) tokens chosen uniformly at random per sample (or drop exactly
+    `num_drop`, when given); drop the rest."""
     check_ratio(ratio)
     n = grid_size * grid_size
+    if num_drop is None:
+        num_drop = n - num_kept(n, ratio)
+    if not 0 <= num_drop < n:
+        raise ValueError(f"a mask must drop between 0 and {n - 1} of {n} tokens, got {num_drop}")
     scores = torch.rand(batch, n, generator=generator, device=generator.device if generator else "cpu")
-    return _mask_from_scores(scores, n - num_kept(n, ratio)).to(device)
+    return _mask_from_scores(scores, num_drop).to(device)
 
 
 def block_mask(batch: int, grid_size: int, ratio: float, *, block: int = 2,
                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Drop whole block x block groups of tokens (MaskDM's block-wise masking)."""
+    """Drop whole block x block groups of tokens (MaskDM's block-wise masking): int(ratio N) // block^2
+    blocks, chosen uniformly at random per sample, as the official generator counts them."""
     check_ratio(ratio)
-    if grid_size % block:
+    if block < 1 or grid_size % block:
         raise ValueError(f"block size {block} must divide the token grid size {grid_size}")
     groups = grid_size // block
     scores = torch.rand(batch, groups * groups, generator=generator,
                         device=generator.device if generator else "cpu")
-    group_mask = _mask_from_scores(scores, round(ratio * groups * groups)).view(batch, groups, groups)
+    num_drop = int(ratio * grid_size * grid_size) // (block * block)
+    group_mask = _mask_from_scores(scores, num_drop).view(batch, groups, groups)
     mask = group_mask.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)
     return mask.reshape(batch, -1).to(device)
 
 
-def crop_mask(batch: int, grid_size: int, ratio: float, *, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> torch.Tensor:
-    """Keep one contiguous square window of about (1 - ratio) * N tokens at a random place."""
+def crop_mask(batch: int, grid_size: int, ratio: float, *, size: int | None = None,
+              generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep one contiguous square window at a random place (top-left corner uniform over the places
+    it fits): of side `size` tokens (MaskDM's crop size; `ratio` is then not used), or of about
+    (1 - ratio) * N tokens."""
     check_ratio(ratio)
-    side = max(1, min(grid_size, round(math.sqrt((1.0 - ratio) * grid_size * grid_size))))
+    if size is not None and not 1 <= size <= grid_size:
+        raise ValueError(f"crop size {size} must lie in [1, {grid_size}], the token grid's side")
+    side = size or max(1, min(grid_size, round(math.sqrt((1.0 - ratio) * grid_size * grid_size))))
     span = grid_size - side + 1
     gen_device = generator.device if generator else "cpu"
     top = torch.randint(span, (batch,), generator=generator, device=gen_device)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from mdt.errors import UserError
+from mdt.models import official_uvit
 from mdt.models.relative_position import RelativePositionBias
 
-FORMATS = ("dit", "mdt", "mdtv2", "maskdit")  # official formats by the mdt family they map to
+FORMATS = ("dit", "mdt", "mdtv2", "maskdit", "uvit")  # uvit: MaskDM (mdt.models.official_uvit)  # official formats by the mdt family they map to
 _REL_TABLE = ".attn.rel_pos_bias.relative_position_bias_table"
 _REL_INDEX = ".attn.rel_pos_bias.relative_position_index"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -29,9 +30,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 @dataclass(frozen=True)
 class OfficialCheckpoint:
-    family: str  # "dit" | "mdt" | "mdtv2"
+    family: str  # "dit" | "mdt" | "mdtv2" | "maskdit" | "uvit"
     dims: dict  # ModelConfig fields the tensors determine
     state_dict: dict[str, Tensor]  # official key names, wrapper prefixes removed
+    schedule: dict = field(default_factory=dict)  # ScheduleConfig fields the checkpoint records (MaskDM's betas)
 
 
 def strip_wrappers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -71,6 +73,10 @@ def read_official(state_dict: dict[str, Tensor]) -> OfficialCheckpoint | None:
     """The official format and the sizes its tensors hold, or None if the keys are not official."""
     sd = strip_wrappers(state_dict)
     keys = set(sd)
+    if official_uvit.is_maskdm(keys):
+        weights, buffers = official_uvit.unwrap(sd)
+        return OfficialCheckpoint("uvit", official_uvit.read_dims(weights), weights,
+                                  official_uvit.schedule_from_buffers(buffers))
     family = detect_format(keys)
     if family is None:
         return None
@@ -136,6 +142,8 @@ def _rename(key: str, family: str, encoder_depth: int, half: int) -> str:
 def to_mdt_state_dict(official: OfficialCheckpoint, encoder_depth: int, grid_size: int
                       ) -> dict[str, Tensor]:
     """Rename every official tensor to mdt's key; slice and check the relative-position tensors."""
+    if official.family == "uvit":
+        return official_uvit.to_uvit_state_dict(official.state_dict)
     half = encoder_depth // 2
     offsets = (2 * grid_size - 1) ** 2
     expected_index = RelativePositionBias(grid_size, 1).index if official.family != "dit" else None

@@ -132,6 +132,8 @@ class MaskTokenDecoderInput(nn.Module):
 class DiffusionTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.family == "uvit":
+            raise ValueError(f"{cfg.name} is a U-ViT (MaskDM); build it with mdt.models.build_model(config)")
         self.config = cfg
         grid = cfg.grid_size if cfg.rel_pos_bias else None
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size, cfg.patch_size)

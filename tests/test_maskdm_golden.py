@@ -1,0 +1,140 @@
+"""Golden tests against the official MaskDM code (jiachenlei/maskdm 0e79a60, fixtures made by
+tools/make_maskdm_fixtures.py with every parameter random): `mdt import` of its checkpoints gives the
+official U-ViT's outputs (unconditional and conditional, unmasked and on the official visible set),
+the MDSM pre-training and DSM fine-tuning losses, and the sizes of the official MaskDM models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_official_golden import mdt_import
+
+from mdt.diffusion import diffusion_from_dict
+from mdt.diffusion.mdsm import MDSMObjective
+from mdt.diffusion.schedule import NoiseSchedule
+from mdt.errors import UserError
+from mdt.models import load_pretrained, model_config
+from mdt.models.registry import build_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _load(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(FIXTURES / name), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["fixture"])
+
+
+def weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def released_layout(state_dict: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict:
+    """The dict train_step.py saves: 'model' = GaussianDiffusion.state_dict(), 'ema' = an ema_pytorch EMA
+    around it (ema_model.* the average, online_model.* the live copy, initted, step)."""
+    diffusion = {**{f"model.{k}": v for k, v in state_dict.items()}, **buffers}
+    live = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in diffusion.items()}
+    ema = {**{f"ema_model.{k}": v for k, v in diffusion.items()}, **{f"online_model.{k}": v for k, v in live.items()},
+           "initted": torch.tensor(True), "step": torch.tensor(20)}
+    return {"step": 20, "model": live, "opt": {}, "ema": ema, "scaler": None}
+
+
+def visible_tokens(image: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> the official (B, K, p*p*C) tokens of the visible patches, in grid order."""
+    b, c, h, w = image.shape
+    tokens = image.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    tokens = tokens.reshape(b, -1, patch * patch * c)
+    return tokens[~mask].reshape(b, -1, tokens.shape[-1])
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict:
+    tensors, _ = _load("maskdm.safetensors")
+    loss, _ = _load("maskdm_loss.safetensors")
+    buffers = weights(loss, "diffusion.")
+    directory = tmp_path_factory.mktemp("maskdm")
+    models = {}
+    for name in ("uncond", "cond"):
+        torch.save(released_layout(weights(tensors, f"{name}.state_dict."), buffers), directory / f"{name}.pt")
+        result = mdt_import(directory / f"{name}.pt", directory / name, "UViT", ["num_heads=2"])
+        assert result.exit_code == 0, result.output
+        models[name] = load_pretrained(directory / name)
+    return {"models": models, "tensors": tensors, "loss": loss, "dir": directory}
+
+
+def test_imported_config_and_schedule(imported) -> None:
+    uncond, cond = imported["models"]["uncond"].config, imported["models"]["cond"].config
+    assert (uncond.family, uncond.depth, uncond.hidden_size, uncond.patch_size, uncond.input_size) == ("uvit", 3, 16, 2, 8)
+    assert (uncond.in_channels, uncond.num_classes, cond.num_classes, uncond.mlp_ratio) == (3, 0, 5, 2.0)
+    diffusion = json.loads((imported["dir"] / "uncond" / "diffusion.json").read_text())
+    assert diffusion["beta_schedule"] == "cosine" and diffusion["num_timesteps"] == 1000  # read from the betas
+    official_betas = imported["loss"]["diffusion.betas"].double()
+    ours = NoiseSchedule(diffusion_from_dict(diffusion)).betas
+    torch.testing.assert_close(ours, official_betas, rtol=1e-6, atol=1e-9)
+
+
+def test_unconditional_uvit_is_the_official_one(imported) -> None:
+    net, t = imported["models"]["uncond"], imported["tensors"]
+    mask = t["uncond.mask"]
+    with torch.no_grad():
+        full = net(t["uncond.x"], t["uncond.t"])
+        masked = net(t["uncond.x"], t["uncond.t"], None, mask)
+    torch.testing.assert_close(full, t["uncond.full"], **TOL)
+    torch.testing.assert_close(visible_tokens(masked, mask, 2), t["uncond.masked"], **TOL)
+    assert not visible_tokens(masked, ~mask, 2).any()  # dropped patches: zeros
+
+
+def test_conditional_uvit_is_the_official_one(imported) -> None:
+    """Labels as a token before the time token; y=None and the null label are the official uncond_embed."""
+    net, t = imported["models"]["cond"], imported["tensors"]
+    x, steps, y, mask = t["cond.x"], t["cond.t"], t["cond.y"], t["cond.mask"]
+    null = torch.full_like(y, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, steps, y), t["cond.full"], **TOL)
+        torch.testing.assert_close(visible_tokens(net(x, steps, y, mask), mask, 2), t["cond.masked"], **TOL)
+        for labels in (None, null):
+            torch.testing.assert_close(net(x, steps, labels), t["cond.null_full"], **TOL)
+            torch.testing.assert_close(visible_tokens(net(x, steps, labels, mask), mask, 2), t["cond.null_masked"],
+                                       **TOL)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_mdsm_loss_is_the_official_one(imported, stage: str) -> None:
+    net, e = imported["models"]["uncond"], imported["loss"]
+    objective = MDSMObjective(NoiseSchedule(diffusion_from_dict({"learn_sigma": False}, family="uvit")),
+                              num_classes=0, grid_size=4, patch_size=2, mask_ratio=0.5, masker="block", mask_block=2)
+    x0 = e["loss.images"] * 2 - 1  # the official normalisation; mdt's pixel encoding stores [-1, 1]
+    mask = e[f"{stage}.mask"] if stage == "pretrain" else None
+    with torch.no_grad():
+        terms = objective.terms(net, x0, None, e[f"{stage}.t"], e[f"{stage}.noise"], mask)
+    torch.testing.assert_close(terms["mse"].mean(), e[f"{stage}.loss"], **TOL)
+
+
+def test_presets_have_the_official_sizes() -> None:
+    counts = json.loads((FIXTURES / "maskdm_param_counts.json").read_text())
+    for preset, label in (("UViT-B/4", "MaskDM-B (celebahq_base_90p.yml)"), ("UViT-S/4", "small (celebahq_small_90p.yml)")):
+        cfg = model_config(preset)
+        assert (cfg.input_size, cfg.in_channels, cfg.num_classes) == (256, 3, 0)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        assert sum(p.numel() for p in model.parameters()) == counts[label]
+
+
+def test_a_released_checkpoint_that_does_not_fit_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    tensors, _ = _load("maskdm.safetensors")
+    state_dict = weights(tensors, "uncond.state_dict.")
+    cases = {"out_blocks": {k: v for k, v in state_dict.items() if not k.startswith("encoder.out_blocks.")},
+             "q_bias": {**state_dict, "encoder.in_blocks.0.attn.q_bias": torch.zeros(16)},
+             "betas": None}
+    for name, sd in cases.items():
+        buffers = {"betas": torch.full((1000,), 0.01)} if name == "betas" else {}
+        torch.save(released_layout(sd or state_dict, buffers), tmp_path / f"{name}.pt")
+        result = mdt_import(tmp_path / f"{name}.pt", tmp_path / name, "UViT", ["num_heads=2"])
+        assert isinstance(result.exception, UserError), result.output
+        message = str(result.exception)
+        assert "MaskDM" in message and "\n" not in message and name.split("_")[0] in message
+        assert not (tmp_path / name).exists()
