@@ -1,0 +1,61 @@
+"""MaskDM's two stages at tiny size through the real CLI under DeepSpeed (CPU, one process): pixel
+encoding of a folder of images, masked pre-training with the pretrain recipe, fine-tuning from its
+EMA with the finetune recipe, and unconditional DDIM samples; the recipes' settings, shrunk only in
+size (UViT-T/2 at 8 px, 3 steps, block 2 on the 4x4 token grid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import REPO_ROOT, run_cli
+from PIL import Image
+from safetensors.torch import load_file
+
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+PRETRAIN = REPO_ROOT / "pipelines" / "maskdm-celebahq256-pretrain.yaml"
+FINETUNE = REPO_ROOT / "pipelines" / "maskdm-celebahq256-finetune.yaml"
+TINY = ["--model", "UViT-T/2", "--steps", "3", "--micro-batch", "4", "--log-every", "1", "--num-workers", "0",
+        "--precision", "fp32", "--ckpt-every", "3", "--set", "model_options.input_size=8"]
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="mdt/train/loop.py builds DiffusionTransformer(model_cfg) and requires the "
+                   "data's classes; it needs mdt.models.build_model and num_classes=0 models (see the MaskDM report)")
+def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images" / "faces"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = tmp_path / "pixels"
+    ok(run_cli("encode", str(tmp_path / "images"), str(data), "--config", str(PRETRAIN), "--resolution", "8",
+               "--shard-size", "8", "--workers", "0", "--no-progress", env=ENV))
+    pretrain, finetune = tmp_path / "pretrain", tmp_path / "finetune"
+    ok(run_cli("train", "--config", str(PRETRAIN), "--data", str(data), "--out", str(pretrain), *TINY,
+               "--set", "objective.mask_block=2", env=ENV, timeout=300))
+    ok(run_cli("train", "--config", str(FINETUNE), "--data", str(data), "--out", str(finetune), *TINY,
+               "--init-from", str(pretrain), env=ENV, timeout=300))
+    for run, ratio in ((pretrain, 0.9), (finetune, 0.0)):
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["objective"]["mask_ratio"] == ratio and saved["diffusion"]["beta_schedule"] == "cosine"
+        model = json.loads((run / "ema" / "model_config.json").read_text())
+        assert (model["family"], model["num_classes"], model["input_size"]) == ("uvit", 0, 8)
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        assert len(losses) == 3 and all(np.isfinite(losses))
+    before = load_file(str(pretrain / "ema" / "model.safetensors"))
+    after = load_file(str(finetune / "ema" / "model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    samples = tmp_path / "samples"
+    ok(run_cli("sample", "--config", str(FINETUNE), "--ckpt", str(finetune), "--out", str(samples),
+               "--num-samples", "2", "--steps", "3", "--batch-size", "2", "--precision", "fp32", env=ENV))
+    assert sorted(p.name for p in samples.glob("*.png") if p.stem.isdigit()) == ["000000.png", "000001.png"]
+    assert json.loads((samples / "sample_config.json").read_text())["sampler"] == "ddim"
