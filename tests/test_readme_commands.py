@@ -39,11 +39,12 @@ def test_a_rejected_flag_fails_the_check(tmp_path: Path) -> None:
         "torchrun --nproc_per_node 2 --nodez 2 -m mdt.cli train --config $P\n"
         "make train PIPELINE=$P TRAIN_ARGS='--set lr=1e-4'\n"
         "```\n\n"
-        "Inline, `mdt fid --skip-weights` is a fragment; `mdt models` is fine.\n")
+        "Inline, `mdt fid --skip-weights` is a fragment, `mdt train --out/--resum RUN` names two flags;\n"
+        "`mdt models` and `mdt train --out/--resume RUN` are fine.\n")
     result = check_readme("--readme", str(readme), "--no-run")
     assert result.returncode == 1
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
-    assert [line.split()[1] for line in bad] == ["mdt", "make", "python", "torchrun", "mdt"], result.stdout
-    for words in ("--num-sample", "--dtypo", "'eight'", "--nodez", "--skip-weights"):
+    assert [line.split()[1] for line in bad] == ["mdt", "make", "python", "torchrun", "mdt", "mdt"], result.stdout
+    for words in ("--num-sample", "--dtypo", "'eight'", "--nodez", "--skip-weights", "--resum\n"):
         assert words in result.stdout, words
-    assert "5 problem(s)" in result.stdout
+    assert "6 problem(s)" in result.stdout

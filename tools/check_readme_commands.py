@@ -111,7 +111,9 @@ def program(argv: tuple[str, ...] | list[str]) -> str | None:
 
 
 def flags_unknown(tokens: list[str], known: set[str]) -> list[str]:
-    return [t.split("=")[0] for t in tokens if t.startswith("--") and t.split("=")[0] not in known]
+    """The flags of `tokens` not in `known`; prose's `--a/--b` (either flag) names two."""
+    flags = [flag for t in tokens if t.startswith("--") for flag in t.split("=")[0].split("/")]
+    return [flag for flag in flags if flag not in known]
 
 
 def check_mdt(argv: list[str], fragment: bool) -> str | None:
