@@ -27,17 +27,27 @@ def ok(result) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="mdt/train/loop.py builds DiffusionTransformer(model_cfg) and requires the "
-                   "data's classes; it needs mdt.models.build_model and num_classes=0 models (see the MaskDM report)")
-def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> None:
+def faces(root: Path) -> Path:
+    """8 random 12 px images in one folder: data without classes worth the name, encoded at 8 px."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "images" / "faces"
+    folder = root / "images" / "faces"
     folder.mkdir(parents=True)
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    data = tmp_path / "pixels"
-    ok(run_cli("encode", str(tmp_path / "images"), str(data), "--config", str(PRETRAIN), "--resolution", "8",
+    data = root / "pixels"
+    ok(run_cli("encode", str(root / "images"), str(data), "--config", str(PRETRAIN), "--resolution", "8",
                "--shard-size", "8", "--workers", "0", "--no-progress", env=ENV))
+    return data
+
+
+NEEDS_TRAINER = pytest.mark.xfail(
+    strict=True, reason="mdt/train/loop.py builds DiffusionTransformer(model_cfg) and requires the data's classes; "
+    "it needs mdt.models.build_model and num_classes=0 models (see the README's MaskDM status)")
+
+
+@NEEDS_TRAINER
+def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> None:
+    data = faces(tmp_path)
     pretrain, finetune = tmp_path / "pretrain", tmp_path / "finetune"
     ok(run_cli("train", "--config", str(PRETRAIN), "--data", str(data), "--out", str(pretrain), *TINY,
                "--set", "objective.mask_block=2", env=ENV, timeout=300))
@@ -59,3 +69,20 @@ def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> N
                "--num-samples", "2", "--steps", "3", "--batch-size", "2", "--precision", "fp32", env=ENV))
     assert sorted(p.name for p in samples.glob("*.png") if p.stem.isdigit()) == ["000000.png", "000001.png"]
     assert json.loads((samples / "sample_config.json").read_text())["sampler"] == "ddim"
+
+
+@NEEDS_TRAINER
+def test_masking_settings_that_cannot_hold_stop_training_with_one_sentence(tmp_path: Path) -> None:
+    """On the 4x4 token grid of 8 px images at patch 2: each refusal names the setting and the fix,
+    exit status 2 (a user mistake), no run folder left behind."""
+    data = faces(tmp_path)
+    for setting, words in [("objective.mask_ratio=1.0", "mask ratio must be in [0, 1)"),
+                           ("objective.mask_block=3", "block size 3 must divide the token grid size 4"),
+                           ("objective.crop_size=5", "crop size 5 must lie in [1, 4]")]:
+        extra = ["--set", "objective.masker=crop"] if "crop" in setting else []
+        out = tmp_path / setting.split("=")[0]
+        result = run_cli("train", "--config", str(PRETRAIN), "--data", str(data), "--out", str(out), *TINY,
+                         "--set", setting, *extra, env=ENV)
+        message = [line for line in result.stderr.splitlines() if line.strip()][-1]
+        assert result.returncode == 2 and words in message, result.stderr[-2000:]
+        assert not out.exists()
