@@ -84,3 +84,37 @@ def test_a_training_forward_and_backward_waits_on_the_gpu_only_where_a_shape_nee
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= allowed, syncs
+
+
+@cuda
+@pytest.mark.parametrize("bias_shape", [None, (16, 256, 256), (4, 16, 256, 256)])
+def test_flex_attention_agrees_with_sdpa_forward_and_backward_in_bf16(bias_shape):
+    """FlexAttention (compiled) against SDPA, gradients to the bias included."""
+    results = {}
+    for backend in ("sdpa", "flex"):
+        q, k, v, bias = _leaves((4, 16, 256, 64), bias_shape, torch.bfloat16)
+        out = attention(q, k, v, bias, backend)
+        out.float().square().sum().backward()
+        results[backend] = (out.float(), [t.grad.float() for t in (q, k, v, bias) if t is not None])
+    (out_s, grads_s), (out_f, grads_f) = results["sdpa"], results["flex"]
+    assert (out_s - out_f).abs().max() <= 2e-2 * out_s.abs().max()
+    for a, b in zip(grads_s, grads_f, strict=True):
+        assert (a - b).abs().max() <= 8e-2 * a.abs().max()
+
+
+@cuda
+def test_activation_checkpointing_saves_memory_at_the_same_loss():
+    torch.manual_seed(0)
+    model = create_model("DiT-B/2").cuda()
+    x = torch.randn(16, 4, 32, 32, device="cuda")
+    t, y = torch.randint(0, 1000, (16,), device="cuda"), torch.randint(0, 1000, (16,), device="cuda")
+    peaks, losses = {}, {}
+    for enabled in (False, True):
+        model.set_activation_checkpointing(enabled)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        loss = model(x, t, y).square().mean()
+        loss.backward()
+        peaks[enabled], losses[enabled] = torch.cuda.max_memory_allocated(), loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+    assert peaks[True] < 0.8 * peaks[False], peaks

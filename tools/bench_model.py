@@ -18,7 +18,15 @@ import argparse
 
 import torch
 
-from benchmark_utils import FAMILIES, add_common_arguments, emit, machine, matmul_peak, time_call
+from benchmark_utils import (
+    COMPILE_MODES,
+    FAMILIES,
+    add_common_arguments,
+    emit,
+    machine,
+    matmul_peak,
+    time_call,
+)
 from mdt.models import create_model, random_mask
 from mdt.models.attention import Attention, attention, resolve_backend
 from mdt.models.stats import model_stats
@@ -43,44 +51,49 @@ def pass_fn(model, batch: int, ratio: float, device, dtype):
 
 def bench_models(args, device, dtype, peak: float) -> None:
     for size in args.sizes:
-        results = {}
-        for family in args.families:
-            name = f"{family}-{size}/2"
-            model = create_model(name).to(device, dtype)
-            runner = torch.compile(model) if args.compile else model
-            ratios = (0.0,) if family == "DiT" else (0.0, 0.5)
-            for ratio in ratios:
-                stats = model_stats(name, ratio, backward=True)  # per image, as `mdt models` counts
-                flops = stats.forward_flops + stats.backward_flops
-                step = pass_fn(runner, args.batch, ratio, device, dtype)
-                seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    step()
-                results[(family, ratio)] = (seconds, flops)
-                record = {
-                    "figure": "model_pass", "model": name, "mask_ratio": ratio, "batch": args.batch,
-                    "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds, 4),
-                    "compiled": args.compile, "images_per_s": round(args.batch / seconds, 2),
-                    "gflops_per_image": round(flops / 1e9, 3),
-                    "forward_gflops_per_image": round(stats.forward_flops / 1e9, 3),
-                    "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
-                    "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
-                }
-                if device.type == "cuda":
-                    record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                emit(record)
-            del model
-        if "MaskDiT" in args.families:
-            md0, md5 = results[("MaskDiT", 0.0)], results[("MaskDiT", 0.5)]
-            emit({"figure": "maskdit_speedup", "size": size,
-                  "masked_over_unmasked_images_per_s": round(md0[0] / md5[0], 3)})
-        if "MDTv2" in args.families:
-            v2_full, v2_masked = results[("MDTv2", 0.0)], results[("MDTv2", 0.5)]
-            # The masked pass should cost what its FLOPs say: time ratio close to FLOP ratio.
-            emit({"figure": "mdtv2_masked_vs_full", "size": size,
-                  "time_ratio": round(v2_masked[0] / v2_full[0], 3),
-                  "flop_ratio": round(v2_masked[1] / v2_full[1], 3)})
+        for compiled in COMPILE_MODES[args.compile]:
+            bench_size(args, device, dtype, peak, size, compiled)
+
+
+def bench_size(args, device, dtype, peak: float, size: str, compiled: bool) -> None:
+    results = {}
+    for family in args.families:
+        name = f"{family}-{size}/2"
+        model = create_model(name).to(device, dtype)
+        runner = torch.compile(model) if compiled else model
+        ratios = (0.0,) if family == "DiT" else (0.0, 0.5)
+        for ratio in ratios:
+            stats = model_stats(name, ratio, backward=True)  # per image, as `mdt models` counts
+            flops = stats.forward_flops + stats.backward_flops
+            step = pass_fn(runner, args.batch, ratio, device, dtype)
+            seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+            results[(family, ratio)] = (seconds, flops)
+            record = {
+                "figure": "model_pass", "model": name, "mask_ratio": ratio, "batch": args.batch,
+                "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds, 4),
+                "compiled": compiled, "images_per_s": round(args.batch / seconds, 2),
+                "gflops_per_image": round(flops / 1e9, 3),
+                "forward_gflops_per_image": round(stats.forward_flops / 1e9, 3),
+                "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
+                "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
+            }
+            if device.type == "cuda":
+                record["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            emit(record)
+        del model
+    if "MaskDiT" in args.families:
+        md0, md5 = results[("MaskDiT", 0.0)], results[("MaskDiT", 0.5)]
+        emit({"figure": "maskdit_speedup", "size": size, "compiled": compiled,
+              "masked_over_unmasked_images_per_s": round(md0[0] / md5[0], 3)})
+    if "MDTv2" in args.families:
+        v2_full, v2_masked = results[("MDTv2", 0.0)], results[("MDTv2", 0.5)]
+        # The masked pass should cost what its FLOPs say: time ratio close to FLOP ratio.
+        emit({"figure": "mdtv2_masked_vs_full", "size": size, "compiled": compiled,
+              "time_ratio": round(v2_masked[0] / v2_full[0], 3),
+              "flop_ratio": round(v2_masked[1] / v2_full[1], 3)})
 
 
 def bench_attention_bias(args, device, dtype) -> None:
@@ -111,7 +124,6 @@ def bench_attention_bias(args, device, dtype) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, dtypes=list(DTYPES), families=list(FAMILIES), warmup=1)
-    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (FLOPs from eager)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     peak = matmul_peak(device, dtype)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmark_utils import (
+    COMPILE_MODES,
     add_common_arguments,
     emit,
     machine,
@@ -42,10 +43,14 @@ from mdt.train.optimizer import adamw
 FAMILIES = ("DiT", "MDTv2", "MaskDiT")
 
 
-def make_step(name: str, args, device: torch.device):
+def make_step(name: str, args, device: torch.device, compiled: bool):
     torch.manual_seed(0)
     model = create_model(name)
+    model.set_activation_checkpointing(args.activation_checkpointing)
     bare = copy.deepcopy(model)  # the same weights without DeepSpeed, for the reference pass
+    if compiled:  # both, so the engine's overhead is measured against a like pass
+        model.compile(dynamic=None)
+        bare.compile(dynamic=None)
     cfg = model.config
     objective = make_objective(cfg.family, num_classes=cfg.num_classes, grid_size=cfg.grid_size,
                                patch_size=cfg.patch_size, learn_sigma=cfg.learn_sigma)
@@ -116,10 +121,15 @@ def profile_step(step, device: torch.device, name: str, top: int) -> None:
 
 
 def bench_size(size: str, args, device: torch.device, peak: float) -> None:
+    for compiled in COMPILE_MODES[args.compile]:
+        bench_families(size, args, device, peak, compiled)
+
+
+def bench_families(size: str, args, device: torch.device, peak: float, compiled: bool) -> None:
     results = {}
     for family in args.families:
         name = f"{family}-{size}/2"
-        engine, objective, step, step_in_parts, bare_seconds = make_step(name, args, device)
+        engine, objective, step, step_in_parts, bare_seconds = make_step(name, args, device, compiled)
         # forward + backward of every pass of the objective; the optimizer is negligible
         flops = sum(pass_flops(name, ratio) for ratio in step_pass_ratios(objective))
         if device.type == "cuda":
@@ -128,7 +138,9 @@ def bench_size(size: str, args, device: torch.device, peak: float) -> None:
         memory = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
         results[family] = (seconds, flops)
         emit({"figure": "train_step", "model": name, "batch": args.batch, "precision": args.dtype,
-              "zero_stage": engine.zero_stage, "device": device.type, "seconds_per_step": round(seconds, 4),
+              "zero_stage": engine.zero_stage, "compiled": compiled,
+              "activation_checkpointing": args.activation_checkpointing,
+              "device": device.type, "seconds_per_step": round(seconds, 4),
               "images_per_s": round(args.batch / seconds, 2), "gflops_per_image": round(flops / 1e9, 3),
               "achieved_tflops": round(flops * args.batch / seconds / 1e12, 4),
               "fraction_of_peak": round(flops * args.batch / seconds / peak, 3),
@@ -136,7 +148,8 @@ def bench_size(size: str, args, device: torch.device, peak: float) -> None:
         parts = [step_in_parts() for _ in range(args.repeats)]
         median = {key: statistics.median(p[key] for p in parts) for key in parts[0]}
         bare = bare_seconds()
-        emit({"figure": "step_parts", "model": name, **{f"{k}_s": round(v, 4) for k, v in median.items()},
+        emit({"figure": "step_parts", "model": name, "compiled": compiled,
+              **{f"{k}_s": round(v, 4) for k, v in median.items()},
               "bare_forward_backward_s": round(bare, 4),
               # what the engine adds to a forward+backward of the bare module, optimizer and EMA included
               "overhead_over_bare": round(seconds / bare, 3)})
@@ -145,13 +158,19 @@ def bench_size(size: str, args, device: torch.device, peak: float) -> None:
         del engine, step, step_in_parts, bare_seconds
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if "DiT" in results:
+        # The CPU target: every family's step within 10% of the FLOP/s of DiT's step in this run.
+        dit_rate = results["DiT"][1] / results["DiT"][0]
+        for family, (seconds, flops) in results.items():
+            emit({"figure": "flops_efficiency_vs_dit", "model": f"{family}-{size}/2", "compiled": compiled,
+                  "ratio": round(flops / seconds / dit_rate, 3)})
     if set(FAMILIES) <= set(results):
         dit, mdtv2, maskdit = (results[f] for f in FAMILIES)
         # The ratios the FLOP counts allow at equal efficiency, beside the measured ones.
-        emit({"figure": "maskdit_over_dit_images_per_s", "size": size, "ratio": round(dit[0] / maskdit[0], 3),
+        emit({"figure": "maskdit_over_dit_images_per_s", "size": size, "compiled": compiled, "ratio": round(dit[0] / maskdit[0], 3),
               "flop_ratio": round(dit[1] / maskdit[1], 3)})
         # MDTv2 runs two passes; its step should cost what its FLOPs say relative to DiT's.
-        emit({"figure": "mdtv2_over_dit", "size": size, "time_ratio": round(mdtv2[0] / dit[0], 3),
+        emit({"figure": "mdtv2_over_dit", "size": size, "compiled": compiled, "time_ratio": round(mdtv2[0] / dit[0], 3),
               "flop_ratio": round(mdtv2[1] / dit[1], 3)})
 
 
@@ -159,6 +178,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, dtypes=["fp32", "bf16"], families=list(FAMILIES), warmup=2)
     parser.add_argument("--deepspeed-config", default="deepspeed_configs/zero2.json")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (less memory)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="also profile one step and print its K most expensive operators (JSON lines)")
     args = parser.parse_args()

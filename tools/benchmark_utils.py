@@ -15,6 +15,7 @@ import torch
 from mdt.models.stats import model_stats
 
 FAMILIES = ("DiT", "MDT", "MDTv2", "MaskDiT")
+COMPILE_MODES = {"off": (False,), "on": (True,), "both": (False, True)}  # --compile: the passes to time
 
 
 def emit(record: dict) -> None:
@@ -52,6 +53,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, dtypes: list[str], 
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", choices=sorted(COMPILE_MODES), default="off",
+                        help="torch.compile the models: off, on, or both (each model twice, in this run)")
 
 
 def pass_flops(name: str, mask_ratio: float) -> int:
