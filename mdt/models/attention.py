@@ -100,10 +100,13 @@ def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     """FlexAttention with the bias read per score: (H, N, N) by head, (B, H, N, N) by sample and head."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, bias)):
-        raise ValueError("attention backend 'flex' has no backward on the CPU in this torch; use 'sdpa' to train "
-                         "on the CPU")
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+            raise ValueError("attention backend 'flex' has no backward on the CPU in this torch; use 'sdpa' to "
+                             "train on the CPU")
+        # It refuses leaves that require grad even under no_grad.
+        q, k, v = q.detach(), k.detach(), v.detach()
+        bias = bias.detach() if bias is not None else None
     score_mod = None
     if bias is not None and bias.dim() == 3:
         def score_mod(score, b, h, q_idx, kv_idx):
