@@ -86,6 +86,17 @@ bench-model: setup ## forward+backward throughput of every family (tools/bench_m
 bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
 	$(PY) tools/bench_train.py $(BENCH_ARGS)
 
+# gpu-check: on a GPU machine, GPU_OUT=folder; here, GPU_CHECK_ARGS=--dry-run runs every part at size T.
+GPU_OUT ?= gpu-check
+gpu-check: ## the GPU check (tools/gpu_check.sh): CUDA tests, XL/2 throughput, memory, a table
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.sh $(GPU_OUT) $(GPU_CHECK_ARGS)
+
+gpu-wheels: setup ## the wheels tools/gpu_check.sh installs on a bare GPU machine, into .whl/
+	tools/prepare_gpu_wheels.sh
+
+check-readme: setup ## every command line in the README parses; the benchmarks run at size T
+	$(PY) tools/check_readme_commands.py
+
 # sample / fid: PIPELINE= and/or CKPT= OUT= N= CFG= SAMPLER= STEPS=; an empty variable leaves the
 # recipe's value (or the command's default: 50000 samples, ddpm 250 steps, w = 1.5).
 sample: setup ## sample images: PIPELINE= and/or CKPT= OUT=, [N= CFG= SAMPLER= STEPS= NPROC= NODES= HOSTFILE=]
@@ -143,4 +154,4 @@ demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU
 	@echo "demo: $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']:.3f} | FID ({m['mode']}) {m['fid']:.2f} | precision {m['precision']:.3f} recall {m['recall']:.3f} | final val loss {t['final_val_loss']:.4f} | training {t['wall_time_s']:.0f} s at {t['mean_images_per_s']:.0f} images/s\")"
 
-.PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo
+.PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo gpu-check gpu-wheels check-readme
