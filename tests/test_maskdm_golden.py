@@ -138,3 +138,19 @@ def test_a_released_checkpoint_that_does_not_fit_is_refused_in_one_sentence(tmp_
         message = str(result.exception)
         assert "MaskDM" in message and "\n" not in message and name.split("_")[0] in message
         assert not (tmp_path / name).exists()
+
+
+def test_mdt_sample_takes_an_imported_conditional_uvit(imported, tmp_path: Path) -> None:
+    """DDIM on the cosine schedule the import recorded, unguided and guided (labels and the null label
+    through the sampler's guidance wrapper)."""
+    from typer.testing import CliRunner
+
+    from mdt.cli import app
+
+    base = ["sample", "--ckpt", str(imported["dir"] / "cond"), "--vae", "pixel", "--num-samples", "2", "--steps", "3",
+            "--batch-size", "2", "--sampler", "ddim", "--classes", "1,4"]
+    for scale in ("1", "1.5"):
+        result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / scale), "--cfg-scale", scale])
+        assert result.exit_code == 0, result.output
+        record = json.loads((tmp_path / scale / "sample_config.json").read_text())
+        assert record["sampler"] == "ddim" and len(list((tmp_path / scale).glob("0*.png"))) == 2
