@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from helpers import REPO_ROOT, run_cli
@@ -40,12 +39,6 @@ def faces(root: Path) -> Path:
     return data
 
 
-NEEDS_TRAINER = pytest.mark.xfail(
-    strict=True, reason="mdt/train/loop.py builds DiffusionTransformer(model_cfg) and requires the data's classes; "
-    "it needs mdt.models.build_model and num_classes=0 models (see the README's MaskDM status)")
-
-
-@NEEDS_TRAINER
 def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> None:
     data = faces(tmp_path)
     pretrain, finetune = tmp_path / "pretrain", tmp_path / "finetune"
@@ -71,7 +64,6 @@ def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> N
     assert json.loads((samples / "sample_config.json").read_text())["sampler"] == "ddim"
 
 
-@NEEDS_TRAINER
 def test_masking_settings_that_cannot_hold_stop_training_with_one_sentence(tmp_path: Path) -> None:
     """On the 4x4 token grid of 8 px images at patch 2: each refusal names the setting and the fix,
     exit status 2 (a user mistake), no run folder left behind."""

@@ -65,7 +65,10 @@ def parse_classes(spec: str, num_classes: int) -> ClassMode | list[int]:
 
 
 def class_labels(classes: ClassMode | list[int], seed: int, indices: list[int], num_classes: int) -> list[int]:
-    """The class of each sample index: drawn from its own stream, cycled over all classes, or cycled over a list."""
+    """The class of each sample index: drawn from its own stream, cycled over all classes, or cycled over a list.
+    An unconditional model (no classes) gets label 0 everywhere, which it ignores."""
+    if num_classes == 0:
+        return [0] * len(indices)
     if classes == "random":
         return [
             int(np.random.default_rng(derived_seed(seed, i, _LABEL_STREAM)).integers(num_classes)) for i in indices

@@ -31,7 +31,7 @@ from mdt.diffusion import diffusion_from_dict, make_objective
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.locking import exclusive_folder
-from mdt.models import DiffusionTransformer, ModelConfig, model_config, read_model_config
+from mdt.models import ModelConfig, build_model, model_config, read_model_config
 from mdt.preemption import StopRequest
 from mdt.train.config import TrainConfig
 from mdt.train.ema import EMA
@@ -75,7 +75,7 @@ def check_data_matches_model(manifest: Manifest, cfg: ModelConfig) -> None:
             f"model {cfg.name} expects {cfg.in_channels}x{cfg.input_size}x{cfg.input_size} latents but "
             f"{manifest.root} holds {c}x{h}x{w} (resolution {manifest.resolution}); encode at the model's "
             f"resolution or set model_options.input_size={h} (and in_channels={c}) for a new model")
-    if manifest.num_classes != cfg.num_classes:
+    if cfg.num_classes and manifest.num_classes != cfg.num_classes:  # 0: unconditional, labels unused
         raise UserError(
             f"model {cfg.name} has {cfg.num_classes} classes but {manifest.root} has {manifest.num_classes}; "
             f"set model_options.num_classes={manifest.num_classes} for a new model or use matching data")
@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
     train_shards, val_shards = split_shards(manifest, cfg.val_shards)
 
     torch.manual_seed(cfg.seed)  # weight init: identical on every rank
-    model = DiffusionTransformer(model_cfg)
+    model = build_model(model_cfg)
     if init_weights_dir is not None:
         model.load_state_dict(read_weights(init_weights_dir))
     model.set_activation_checkpointing(cfg.activation_checkpointing)
