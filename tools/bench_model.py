@@ -27,9 +27,9 @@ from benchmark_utils import (
     matmul_peak,
     time_call,
 )
-from mdt.models import create_model, random_mask
+from mdt.models import block_mask, create_model, random_mask
 from mdt.models.attention import Attention, attention, resolve_backend
-from mdt.models.stats import model_stats
+from mdt.models.stats import count_flops, model_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,9 +121,43 @@ def bench_attention_bias(args, device, dtype) -> None:
               "seconds_with_bias": round(biased, 5), "bias_over_no_bias": round(biased / plain, 3)})
 
 
+def bench_maskdm(args, device, dtype, peak: float) -> None:
+    """MaskDM's pre-training pass (90% of 4x4-patch blocks dropped, pixels, unconditional) against
+    its unmasked pass: FLOPs and images/s in one run."""
+    torch.manual_seed(0)
+    model = create_model(args.maskdm, input_size=args.maskdm_resolution).to(device, dtype)
+    cfg = model.config
+    x = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    results = {}
+    for ratio in (0.0, 0.9):
+        mask = (block_mask(args.batch, cfg.grid_size, ratio, block=4, generator=torch.Generator().manual_seed(0),
+                           device=device) if ratio else None)
+
+        def step(batch: int = args.batch, mask=mask) -> None:
+            model.zero_grad(set_to_none=True)
+            model(x[:batch], t[:batch], None, None if mask is None else mask[:batch]).float().square().mean().backward()
+
+        flops = count_flops(lambda step=step: step(1))
+        seconds = time_call(step, device, warmup=args.warmup, repeats=args.repeats)
+        results[ratio] = (seconds, flops)
+        emit({"figure": "maskdm_pass", "model": cfg.name, "input": [cfg.in_channels, cfg.input_size, cfg.input_size],
+              "mask_ratio": ratio, "mask": "block 4x4" if ratio else None,
+              "kept_tokens": int((~mask[0]).sum()) if ratio else cfg.num_tokens, "batch": args.batch,
+              "dtype": args.dtype, "seconds_per_step": round(seconds, 4), "images_per_s": round(args.batch / seconds, 3),
+              "gflops_per_image": round(flops / 1e9, 3),
+              "fraction_of_peak": round(flops * args.batch / seconds / peak, 3)})
+    (full_s, full_f), (masked_s, masked_f) = results[0.0], results[0.9]
+    emit({"figure": "maskdm_speedup", "model": cfg.name, "masked_over_unmasked_images_per_s": round(full_s / masked_s, 3),
+          "flop_ratio": round(full_f / masked_f, 3)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, dtypes=list(DTYPES), families=list(FAMILIES), warmup=1)
+    parser.add_argument("--maskdm", metavar="MODEL", help="also MaskDM's 90%%-masked pre-training pass against "
+                        "the unmasked one, e.g. UViT-S/4 (pixels, so give --maskdm-resolution)")
+    parser.add_argument("--maskdm-resolution", type=int, default=64, metavar="PX")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     peak = matmul_peak(device, dtype)
@@ -131,6 +165,8 @@ def main() -> None:
           **machine()})
     bench_attention_bias(args, device, dtype)
     bench_models(args, device, dtype, peak)
+    if args.maskdm:
+        bench_maskdm(args, device, dtype, peak)
 
 
 if __name__ == "__main__":
