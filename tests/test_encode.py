@@ -21,6 +21,7 @@ from mdt.data.encode import EncodeConfig, encode_dataset, plan_shards, shards_of
 from mdt.data.images import preprocess
 from mdt.data.manifest import read_manifest
 from mdt.data.shard_format import decode_label, decode_moments, decode_source, iter_tar_samples
+from mdt.data.sources import list_inputs
 from mdt.errors import UserError
 from mdt.locking import LOCK_NAME
 from mdt.vae import load_autoencoder
@@ -300,3 +301,21 @@ def test_webdataset_image_shards_as_input(tmp_path: Path, tiny_vae_dir: Path) ->
     assert all(s["source"]["class"] == manifest.classes[s["label"]] for s in samples)
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert rejects == [{"source": "imgs-1.tar/s1/img002.jpg", "reason": "no cls member", "shard": None}]
+
+
+def test_a_flat_folder_of_images_encodes_as_one_class_for_unconditional_training(tmp_path: Path) -> None:
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        (faces / f"face{i}.png").write_bytes(encoded_bytes(random_image(rng, (12, 12), "RGB"), "PNG"))
+    (faces / "README.txt").write_text("not an image\n")
+    result = run_cli("encode", str(faces), str(tmp_path / "out"), "--vae", "pixel", "--resolution", "8",
+                     "--no-progress", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.total == 5 and manifest.num_classes == 1
+    assert "1 non-image files ignored" in result.stdout
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders and no images"):
+        list_inputs(str(tmp_path / "empty"))

@@ -93,11 +93,32 @@ def _read_tar_list(path: Path) -> list[Path]:
 
 def _list_image_folder(root: Path, class_list: str | Path | None) -> InputSet:
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not class_dirs:
-        raise UserError(
-            f"INPUT {root}: no class folders; arrange the images as ROOT/<class>/<image> (ImageNet's layout)."
-        )
-    found: list[tuple[str, str]] = []  # (relpath, class name)
+    if class_dirs:
+        found, ignored = _walk_class_folders(root, class_dirs)
+        if not found:
+            raise UserError(
+                f"INPUT {root}: the class folders hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "check the path."
+            )
+    else:  # a flat folder (faces, say): one class, for unconditional training
+        files = sorted(e.name for e in os.scandir(root) if e.is_file() and not e.name.startswith("."))
+        found = [(name, root.name) for name in files if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise UserError(f"INPUT {root}: no class folders and no images; arrange the images as "
+                            "ROOT/<class>/<image> (ImageNet's layout), or all in ROOT for an unconditional set.")
+        ignored, class_dirs = len(files) - len(found), [root.name]
+    classes = index_for_folders(class_dirs, class_list)
+    found.sort()
+    images = tuple(
+        SourceImage(relpath=rel, class_name=name, label=classes.label(name), path=str(root / rel))
+        for rel, name in found
+    )
+    return InputSet(str(root.resolve()), images, classes, ignored)
+
+
+def _walk_class_folders(root: Path, class_dirs: list[str]) -> tuple[list[tuple[str, str]], int]:
+    """(relpath, class name) of every image under the class folders, and the non-image files ignored."""
+    found: list[tuple[str, str]] = []
     ignored = 0
     for class_name in class_dirs:
         for dirpath, dirnames, filenames in os.walk(root / class_name):
@@ -108,20 +129,8 @@ def _list_image_folder(root: Path, class_list: str | Path | None) -> InputSet:
                 if os.path.splitext(filename)[1].lower() not in IMAGE_EXTENSIONS:
                     ignored += 1
                     continue
-                full = os.path.join(dirpath, filename)
-                found.append((os.path.relpath(full, root), class_name))
-    if not found:
-        raise UserError(
-            f"INPUT {root}: the class folders hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-            "check the path."
-        )
-    classes = index_for_folders(class_dirs, class_list)
-    found.sort()
-    images = tuple(
-        SourceImage(relpath=rel, class_name=name, label=classes.label(name), path=str(root / rel))
-        for rel, name in found
-    )
-    return InputSet(str(root.resolve()), images, classes, ignored)
+                found.append((os.path.relpath(os.path.join(dirpath, filename), root), class_name))
+    return found, ignored
 
 
 def _list_tar_shards(spec: str, tars: list[Path], class_list: str | Path | None) -> InputSet:
