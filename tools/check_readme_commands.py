@@ -167,6 +167,9 @@ def tool_parser(script: str) -> argparse.ArgumentParser:
 def check_tool(script: str, argv: list[str], fragment: bool) -> str | None:
     if not (REPO / script).is_file():
         return f"{script} does not exist"
+    if script.endswith(".sh"):  # a shell script: its syntax (it parses its arguments by position)
+        result = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+        return f"{script}: {result.stderr.strip()}" if result.returncode else None
     parser = tool_parser(script)
     if fragment:
         unknown = flags_unknown(argv, set(parser._option_string_actions))
