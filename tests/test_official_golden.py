@@ -29,6 +29,13 @@ from mdt.sample.samplers import sample_ddim, sample_ddpm
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_matches_official(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to 1e-5 of the output's scale. fp32 kernels round differently on other CPUs: the
+    fixtures were made on an AMD EPYC (AVX2); on an Intel Xeon (AVX-512) MDTv1's outputs (|x| up to
+    3.2) differ by up to 1.6e-5, 5e-6 of their scale. A wrong layer differs by O(1)."""
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
 # fixture -> (--model for mdt import, extra --set options: what no tensor holds)
 IMPORTS = {"dit": ("DiT", ["num_heads=4"]), "mdtv1": ("MDT", ["decoder_depth=2"]), "mdtv2": ("MDTv2", [])}
 
@@ -97,14 +104,14 @@ def test_import_gives_the_official_output(tmp_path: Path, name: str, fmt: str) -
     with torch.no_grad():
         out = net(x, t, y)
     expected = tensors["output"] if name == "dit" else tensors["output.full"]
-    torch.testing.assert_close(out, expected, **TOL)
+    assert_matches_official(out, expected)
 
 
 def test_masked_pass_gives_the_official_output(imported_mdt) -> None:
     _, net, tensors, _ = imported_mdt
     with torch.no_grad():
         out = net(tensors["input.x"], tensors["input.t"], tensors["input.y"], tensors["input.mask"].bool())
-    torch.testing.assert_close(out, tensors["output.masked"], **TOL)
+    assert_matches_official(out, tensors["output.masked"])
     kept = (~tensors["input.mask"].bool()).sum(1)
     assert torch.equal(kept, torch.full_like(kept, tensors["input.ids_keep"].shape[1]))
 
@@ -143,14 +150,16 @@ def attention_kernel(request, monkeypatch) -> float:
     The official DiT (timm, fused attention off) multiplies out softmax(q k^T) v; SDPA's kernel
     rounds differently by ~1e-7, and with random weights and guidance scale 4 a 21-step trajectory
     grows to |x| ~ 900, where that is ~5e-4 absolute. With the official's kernel the sampler must
-    reproduce the official trajectory to 1e-5; with SDPA to 1e-5 of its scale.
+    reproduce the official trajectory to 5e-6 of its scale, with SDPA to 1e-5 of it. (Not bit for
+    bit: the fixtures' AMD EPYC and an Intel Xeon's AVX-512 matmuls already differ by up to 2.5e-6 of the
+    scale along the same trajectory.)
     """
     if request.param == "explicit":
         def explicit(q, k, v, attn_mask=None):
             return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
 
         monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", explicit)
-        return 0.0
+        return 5e-6
     return 1e-5
 
 
