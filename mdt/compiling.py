@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mdt.models.attention import resolve_backend
+
 
 def compile_wanted(option: bool | None, device: torch.device) -> bool:
     """`--compile` / `--no-compile`, or by default: CUDA yes; the CPU no (compiling a model there
@@ -22,5 +24,6 @@ def maybe_compile(model: nn.Module, option: bool | None, device: torch.device) -
     """Compile `model` in place when wanted; returns whether it was."""
     if not compile_wanted(option, device):
         return False
+    resolve_backend(None, device)  # probe the attention backends now, outside the traced code
     model.compile(dynamic=None)
     return True

@@ -31,13 +31,22 @@ def xformers_available() -> bool:
     return True
 
 
-@functools.cache
+_USABLE: dict[torch.device, bool] = {}  # a plain dict: torch.compile reads it as a constant
+
+
 def xformers_usable(device: torch.device) -> bool:
     """Whether xformers has working kernels for `device`.
 
     A wheel built for another torch release imports fine but has no CUDA operators, so `auto`
-    tries one tiny call before choosing it (and falls back to SDPA with a warning).
+    tries one tiny call before choosing it (and falls back to SDPA with a warning). The answer is
+    kept per device; `mdt.compiling` asks once before compiling, so the probe is never traced.
     """
+    if device not in _USABLE:
+        _USABLE[device] = _probe_xformers(device)
+    return _USABLE[device]
+
+
+def _probe_xformers(device: torch.device) -> bool:
     if device.type != "cuda" or not xformers_available():
         return False
     import xformers.ops as xops
