@@ -18,8 +18,8 @@ How the stream is laid out, and why:
   started. Starting at `start_batch=k` yields bitwise the batches k, k+1, ... of a run from 0.
 - A read that fails (an NFS hiccup, a shard truncated under the reader) is retried a few times,
   then named in one sentence; a label outside the classes or a non-finite latent stops the run
-  naming the sample. DataLoader workers ignore SIGTERM/SIGINT: the trainer owns the signal and
-  shuts them down.
+  naming the sample. DataLoader workers drop SIGTERM/SIGINT from anyone but their parent: the
+  trainer owns the signal and shuts them down (mdt.preemption).
 
 Only `moments.npy` and `cls` are read and decoded (numpy layout, no pickle); WebDataset's default
 decoders (which unpickle) are never used.

@@ -156,13 +156,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, backend: str | None = None):
+    """Multi-head self-attention; `qkv_bias=False` for MaskDM's U-ViT."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str | None = None, *, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mdt.models.attention import attention
+from mdt.models.attention import Attention
 from mdt.models.config import ModelConfig
 from mdt.models.embeddings import LabelEmbedder, PatchEmbed
 from mdt.models.masking import kept_indices
@@ -41,25 +41,6 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return features
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention; the qkv projection has no bias (MaskDM's setting)."""
-
-    def __init__(self, dim: int, num_heads: int, backend: str | None = None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
-        self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = attention(q, k, v, None, self.backend)  # (B, H, N, d_head)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
 class UViTBlock(nn.Module):
     """x (+ long skip through Linear(concat)) -> x + attn(LN(x)) -> x + mlp(LN(x)).
 
@@ -70,7 +51,7 @@ class UViTBlock(nn.Module):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, num_heads, backend)
+        self.attn = Attention(dim, num_heads, backend, qkv_bias=False)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential()
