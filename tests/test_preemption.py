@@ -259,8 +259,9 @@ def test_group_sigterm_to_encode_and_sample_leaves_folders_a_rerun_completes(
 
     vae = save_tiny_vae(tmp_path / "vae")
     make_export(tmp_path / "export", vae_spec=str(vae))
+    # Enough work that the signal lands mid-run on a fast machine too (2 of 48 samples written first).
     sample = ["sample", "--ckpt", str(tmp_path / "export"), "--num-samples", "48", "--batch-size", "2",
-              "--steps", "20"]
+              "--steps", "40"]
     samples, straight = tmp_path / "samples", tmp_path / "samples-straight"
     proc = launch(record_exit, [*sample, "--out", str(samples)], nproc=1, exits=tmp_path / "sample-exit")
     wait_for(lambda: len(list(samples.glob("[0-9]*.png"))) >= 2, proc, "two finished samples")
