@@ -27,8 +27,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 T = TypeVar("T")
 
 
-class Interrupted(Exception):
-    """A stop signal arrived; the command cleans up and exits 128 + its number."""
+class Interrupted(BaseException):
+    """A stop signal arrived; the command cleans up and exits 128 + its number.
+
+    A BaseException, as KeyboardInterrupt is: library code's `except Exception` (PIL's, say) must
+    not swallow it half-way through a file, which would then be renamed into place.
+    """
 
     def __init__(self, signum: int):
         self.signal_name = signal.Signals(signum).name

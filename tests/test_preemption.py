@@ -25,6 +25,7 @@ from sample_helpers import make_export
 from mdt.locking import exclusive_folder
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as ENV: float kernels split work by thread count; compare like with like
 WAIT_S = 300  # the bound on every wait for an event: generous, since CI machines are slow
 
 # Runs `mdt` and records the exit status each rank's main() ends with (torchrun does not say it
@@ -252,8 +253,8 @@ def test_group_sigterm_to_encode_and_sample_leaves_folders_a_rerun_completes(
     _, stderr = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 143 and (tmp_path / "encode-exit" / "rank0").read_text() == "143", stderr[-3000:]
     assert not list(out.glob(".*.tmp")) and not (out / "manifest.json").exists()
-    assert run_cli(*encode, str(out), timeout=WAIT_S).returncode == 0
-    assert run_cli(*encode, str(reference), timeout=WAIT_S).returncode == 0
+    assert run_cli(*encode, str(out), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
+    assert run_cli(*encode, str(reference), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     for shard in reference.glob("shard-*.tar"):
         assert (out / shard.name).read_bytes() == shard.read_bytes()
 
@@ -270,7 +271,7 @@ def test_group_sigterm_to_encode_and_sample_leaves_folders_a_rerun_completes(
     assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
     kept = sorted(p.name for p in samples.glob("[0-9]*.png"))
     assert 2 <= len(kept) < 48 and not list(samples.glob(".*.tmp")) and not (samples / "samples.npz").exists()
-    assert run_cli(*sample, "--out", str(samples), timeout=WAIT_S).returncode == 0
-    assert run_cli(*sample, "--out", str(straight), timeout=WAIT_S).returncode == 0
+    assert run_cli(*sample, "--out", str(samples), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
+    assert run_cli(*sample, "--out", str(straight), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     pngs = sorted(p.name for p in straight.glob("[0-9]*.png"))
     assert len(pngs) == 48 and all((samples / n).read_bytes() == (straight / n).read_bytes() for n in pngs)
