@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from mdt.models.blocks import FinalLayer, ModulatedLinear, TransformerBlock
+from mdt.models.blocks import (
+    FinalLayer,
+    ModulatedLinear,
+    Recomputable,
+    TransformerBlock,
+    set_activation_checkpointing,
+)
 from mdt.models.config import ModelConfig
 from mdt.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from mdt.models.masking import kept_indices
@@ -41,29 +46,18 @@ def add_position_embedding(module: nn.Module, name: str, dim: int, grid_size: in
         module.register_buffer(name, table)
 
 
-class Block(TransformerBlock):
-    """A transformer block that owns its relative position bias, if the model uses one.
-
-    With `checkpointing` set (`DiffusionTransformer.set_activation_checkpointing`) a training
-    forward keeps only the block's inputs and recomputes the rest in the backward pass.
-    """
+class Block(Recomputable, TransformerBlock):
+    """A transformer block that owns its relative position bias, if the model uses one."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, grid_size: int | None,
                  skip: bool = False, backend: str | None = None, cond_dim: int | None = None):
         super().__init__(dim, num_heads, mlp_ratio, skip=skip, backend=backend, cond_dim=cond_dim)
         self.rel_pos = RelativePositionBias(grid_size, num_heads) if grid_size else None
-        self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None = None,
-                skip: torch.Tensor | None = None) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, c, keep, skip, use_reentrant=False)
-        return self._forward(x, c, keep, skip)
-
-    def _forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None,
-                 skip: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None = None,
+                 skip: torch.Tensor | None = None) -> torch.Tensor:
         bias = self.rel_pos(keep) if self.rel_pos is not None else None
-        return super().forward(x, c, bias, skip)
+        return TransformerBlock.forward(self, x, c, bias, skip)
 
 
 class Encoder(nn.Module):
@@ -160,10 +154,7 @@ class DiffusionTransformer(nn.Module):
         self.initialize_weights()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
-        for module in self.modules():
-            if isinstance(module, Block):
-                module.checkpointing = enabled
+        set_activation_checkpointing(self, enabled)
 
     def initialize_weights(self) -> None:
         """DiT's scheme: Xavier linears, N(0, 0.02) embeddings, adaLN and output zeroed."""

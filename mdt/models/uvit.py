@@ -22,9 +22,9 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mdt.models.attention import Attention
+from mdt.models.blocks import Recomputable, set_activation_checkpointing
 from mdt.models.config import ModelConfig
 from mdt.models.embeddings import LabelEmbedder, PatchEmbed
 from mdt.models.masking import kept_indices
@@ -41,11 +41,8 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return features
 
 
-class UViTBlock(nn.Module):
-    """x (+ long skip through Linear(concat)) -> x + attn(LN(x)) -> x + mlp(LN(x)).
-
-    With `checkpointing` set (`UViT.set_activation_checkpointing`) a training forward keeps only the
-    block's inputs and recomputes the rest in the backward pass."""
+class UViTBlock(Recomputable):
+    """x (+ long skip through Linear(concat)) -> x + attn(LN(x)) -> x + mlp(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, skip: bool, backend: str | None):
         super().__init__()
@@ -58,14 +55,8 @@ class UViTBlock(nn.Module):
         self.mlp.add_module("fc1", nn.Linear(dim, hidden))
         self.mlp.add_module("act", nn.GELU())
         self.mlp.add_module("fc2", nn.Linear(hidden, dim))
-        self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, skip, use_reentrant=False)
-        return self._forward(x, skip)
-
-    def _forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         x = x + self.attn(self.norm1(x))
@@ -96,10 +87,7 @@ class UViT(nn.Module):
         self.initialize_weights()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
-        for module in self.modules():
-            if isinstance(module, UViTBlock):
-                module.checkpointing = enabled
+        set_activation_checkpointing(self, enabled)
 
     def initialize_weights(self) -> None:
         """The official scheme: truncated N(0, 0.02) linears and embeddings, zero biases, unit norms."""
