@@ -1,7 +1,8 @@
 """Golden tests against the official MaskDM code (jiachenlei/maskdm 0e79a60, fixtures made by
 tools/make_maskdm_fixtures.py with every parameter random): `mdt import` of its checkpoints gives the
 official U-ViT's outputs (unconditional and conditional, unmasked and on the official visible set),
-the MDSM pre-training and DSM fine-tuning losses, and the sizes of the official MaskDM models."""
+the MDSM pre-training and DSM fine-tuning losses, the official DDIM sampler (`--sampler maskdm-ddim`) step
+for step, and the sizes of the official MaskDM models."""
 
 from __future__ import annotations
 
@@ -112,6 +113,44 @@ def test_mdsm_loss_is_the_official_one(imported, stage: str) -> None:
     with torch.no_grad():
         terms = objective.terms(net, x0, None, e[f"{stage}.t"], e[f"{stage}.noise"], mask)
     torch.testing.assert_close(terms["mse"].mean(), e[f"{stage}.loss"], **TOL)
+
+
+def _replayed(draws: torch.Tensor):
+    """step_noise that hands out the official per-step draws in order (then zeros: ADM's DDIM also draws
+    for its last step, where sigma is 0)."""
+    queue = list(draws)
+    return lambda x: queue.pop(0) if queue else torch.zeros_like(x)
+
+
+def test_linspace_grid_of_the_official_eval() -> None:
+    """eval.py's 250 of 1000 steps: 3, 7, ..., 999 (ADM's even spacing would start at 0); any count gives that
+    many distinct steps."""
+    from mdt.diffusion.respacing import sampling_timesteps
+
+    assert sampling_timesteps(1000, 250, "linspace") == list(range(3, 1000, 4))
+    assert all(len(sampling_timesteps(1000, n, "linspace")) == n for n in (1, 7, 333, 999, 1000))
+
+
+@pytest.mark.parametrize("run", ["eta1", "eta0"])
+def test_maskdm_ddim_is_the_official_sampler(imported, run: str) -> None:
+    """maskdm-ddim on the imported model, with the official start and per-step noise, gives the official
+    ddim_sample's images (its grid, clipped x0 with the raw eps, eta, last step x0); ADM's DDIM with the
+    same eta, which neither clips nor keeps the raw eps, does not."""
+    from mdt.diffusion.respacing import sampling_timesteps
+    from mdt.sample.samplers import sample_ddim, sample_maskdm_ddim
+
+    net = imported["models"]["uncond"]
+    d, meta = _load("maskdm_ddim.safetensors")
+    eta, steps = meta["runs"][run]["eta"], meta["runs"][run]["steps"]
+    diffusion = diffusion_from_dict(json.loads((imported["dir"] / "uncond" / "diffusion.json").read_text()))
+    timesteps = sampling_timesteps(diffusion.num_timesteps, steps, "linspace")
+    assert timesteps == sorted(d[f"{run}.times"].tolist())
+    labels = torch.zeros(3, dtype=torch.long)
+    kwargs = dict(diffusion=diffusion, timesteps=timesteps, eta=eta)
+    ours = sample_maskdm_ddim(net, d[f"{run}.noise"], labels, step_noise=_replayed(d[f"{run}.step_noise"]), **kwargs)
+    torch.testing.assert_close((ours + 1) / 2, d[f"{run}.images"], **TOL)
+    adm = sample_ddim(net, d[f"{run}.noise"], labels, step_noise=_replayed(d[f"{run}.step_noise"]), **kwargs)
+    assert ((adm + 1) / 2 - d[f"{run}.images"]).abs().max() > 0.1
 
 
 def test_presets_have_the_official_sizes() -> None:

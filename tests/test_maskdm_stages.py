@@ -1,6 +1,6 @@
 """MaskDM's two stages at tiny size through the real CLI under DeepSpeed (CPU, one process): pixel
 encoding of a folder of images, masked pre-training with the pretrain recipe, fine-tuning from its
-EMA with the finetune recipe, and unconditional DDIM samples; the recipes' settings, shrunk only in
+EMA with the finetune recipe, and unconditional samples with the official DDIM; the recipes' settings, shrunk only in
 size (UViT-T/2 at 8 px, 3 steps, block 2 on the 4x4 token grid)."""
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def test_pretrain_then_finetune_then_sample_through_the_cli(tmp_path: Path) -> N
     ok(run_cli("sample", "--config", str(FINETUNE), "--ckpt", str(finetune), "--out", str(samples),
                "--num-samples", "2", "--steps", "3", "--batch-size", "2", "--precision", "fp32", env=ENV))
     assert sorted(p.name for p in samples.glob("*.png") if p.stem.isdigit()) == ["000000.png", "000001.png"]
-    assert json.loads((samples / "sample_config.json").read_text())["sampler"] == "ddim"
+    record = json.loads((samples / "sample_config.json").read_text())
+    assert (record["sampler"], record["spacing"], record["eta"]) == ("maskdm-ddim", "linspace", 1.0)
 
 
 def test_masking_settings_that_cannot_hold_stop_training_with_one_sentence(tmp_path: Path) -> None:

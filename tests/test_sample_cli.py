@@ -122,7 +122,29 @@ def test_pixel_space_checkpoint(tmp_path: Path) -> None:
         assert data["arr_0"].shape == (2, 8, 8, 3) and data["arr_1"].tolist() == [0, 1]
 
 
+def test_maskdm_ddim_on_a_pixel_checkpoint(tmp_path: Path) -> None:
+    """MaskDM's DDIM: its grid and eta 1 by default, recorded; --eta takes effect (eta 0 is another image)."""
+    export = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
+                         scaling_factor=1.0)
+    images = {}
+    for name, extra in (("default", []), ("eta0", ["--eta", "0"])):
+        out = tmp_path / name
+        result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler",
+                         "maskdm-ddim", "--steps", "4", *extra)
+        assert result.returncode == 0, result.stderr
+        record = json.loads((out / "sample_config.json").read_text())
+        assert (record["spacing"], record["timesteps"]) == ("linspace", [249, 499, 749, 999])
+        assert record["eta"] == (0.0 if extra else 1.0)
+        with np.load(out / "samples.npz", allow_pickle=False) as data:
+            images[name] = data["arr_0"]
+    assert not np.array_equal(images["default"], images["eta0"])
+
+
 @pytest.mark.parametrize(("args", "words"), [
+    (["--sampler", "maskdm-ddim"], "pixel range"),
+    (["--eta", "0.5"], "--eta"),
+    (["--sampler", "ddim", "--eta", "1.5"], "--eta"),
+    (["--spacing", "cubic"], "--spacing"),
     (["--classes", "3,12"], "--classes"),
     (["--sampler", "euler"], "--sampler"),
     (["--cfg-channels", "5"], "--cfg-channels"),

@@ -29,6 +29,10 @@ PARAM_STD in named_parameters() order after torch.manual_seed(SEED). Float32, CP
   checkpoint's "model" entry), and GaussianDiffusion.forward([img, mask])
   with the t (torch.randint) and noise (torch.randn_like) it drew recorded: the pre-training loss (block mask,
   ratio 0.5) and the fine-tuning loss (ratio 0: MASK_RATIO 0 gives an all-zero mask).
+* maskdm_ddim.safetensors: the official GaussianDiffusion (cosine, T=1000, clip_denoised on, as eval.py builds
+  it) around the same unconditional tiny model: ddim_sample((3, 3, 8, 8)) with eta 1 at 10 steps and eta 0 at
+  7 steps, its torch.randn start and per-step torch.randn_like noise recorded ("<name>.noise", stacked
+  "<name>.step_noise"), the visited times, and the returned images (in [0, 1], normalization on).
 * maskdm_masks.json: per setting, the official generators' dropped-token counts over DRAWS draws
   (np.random seeded with SEED) and, on grids up to 16, the per-position drop frequencies.
 * maskdm_param_counts.json: the official MaskDM-B and "small" U-ViT (256 px, patch 4), meta device.
@@ -65,6 +69,7 @@ DRAWS = 4000
 # official counts differ from rounding (ratio 0.97 at block 2; 0.9 patch on 4096 tokens).
 MASK_SETTINGS = [("patch", 64, 0.9, None), ("patch", 8, 0.7, None), ("block", 64, 0.9, 4), ("block", 8, 0.97, 2),
                  ("block", 8, 0.5, 2), ("crop", 16, 0.9, 5), ("crop", 8, 0.0, 3)]
+FIXTURES = ("network", "loss", "ddim", "masks", "param_counts")
 ALIASES = ("utils", "utils.helper", "pywt", "mask_uvit", "gaussian_ddpm", "masking_generator")
 
 
@@ -137,9 +142,9 @@ def make_network(official, out: Path, meta: dict) -> None:
 
 @contextlib.contextmanager
 def recorded_draws(ddpm):
-    """Record torch.randint (timesteps) and torch.randn_like (noise) as gaussian_ddpm.py calls them."""
+    """Record torch.randint (timesteps), torch.randn and torch.randn_like (noise) as gaussian_ddpm.py calls them."""
     real = ddpm.torch
-    log = {"randint": [], "randn_like": []}
+    log = {"randint": [], "randn_like": [], "randn": []}
 
     class TorchProxy:
         def __getattr__(self, attr):
@@ -154,6 +159,11 @@ def recorded_draws(ddpm):
         def randn_like(*args, **kwargs):
             log["randn_like"].append(real.randn_like(*args, **kwargs))
             return log["randn_like"][-1].clone()
+
+        @staticmethod
+        def randn(*args, **kwargs):
+            log["randn"].append(real.randn(*args, **kwargs))
+            return log["randn"][-1].clone()
 
     ddpm.torch = TorchProxy()
     try:
@@ -193,6 +203,52 @@ def make_loss(official, out: Path, meta: dict) -> None:
                      "as <stage>.t/<stage>.noise; pretrain mask: block 2 at ratio 0.5 on the 4x4 grid; finetune: "
                      "all False (the official MASK_RATIO 0)")
     save_fixture(out / "maskdm_loss.safetensors", tensors, meta)
+
+
+DDIM_RUNS = (("eta1", 1.0, 10), ("eta0", 0.0, 7))  # (name, eta, sampling steps); 7 steps: a fractional stride
+
+
+def watch_predictions(diffusion, times: list, clipped: list) -> None:
+    """Record each visited t and the fraction of x0 the clip changes (to show the clip matters)."""
+    real = diffusion.model_predictions
+
+    def predictions(x, t, *args, **kwargs):
+        times.append(t[0].item())
+        unclipped = diffusion.predict_start_from_noise(x, t, diffusion.model(x, t))
+        clipped.append(round(float((unclipped.abs() > 1).float().mean()), 4))
+        return real(x, t, *args, **kwargs)
+
+    diffusion.model_predictions = predictions
+
+
+def make_ddim(official, out: Path, meta: dict) -> None:
+    net = official.uvit.MaskedUViT(**TINY, num_classes=-1)
+    randomize(net)
+    stored = safe_load(out / "maskdm.safetensors")
+    assert all(torch.equal(v, stored[f"uncond.state_dict.{k}"]) for k, v in net.state_dict().items())
+    net.eval()
+    tensors, clipped = {}, {}
+    for name, eta, steps in DDIM_RUNS:
+        diffusion = official.ddpm.GaussianDiffusion(net, image_size=8, timesteps=1000, sampling_timesteps=steps,
+                                                    loss_type="l2", beta_schedule="cosine", ddim_sampling_eta=eta,
+                                                    clip_denoised=True, channels=3)
+        diffusion.eval()
+        seen, clipped[name] = [], []
+        watch_predictions(diffusion, seen, clipped[name])
+        torch.manual_seed(SEED)
+        with torch.no_grad(), recorded_draws(official.ddpm) as log:
+            images = diffusion.ddim_sample((3, 3, 8, 8))
+        (start,), step_noise = log["randn"], log["randn_like"]
+        assert len(step_noise) == steps - 1  # none into x_0
+        tensors.update({f"{name}.noise": start, f"{name}.step_noise": torch.stack(step_noise),
+                        f"{name}.times": torch.tensor(seen), f"{name}.images": images})
+    meta.update(tiny=TINY, seed=SEED, param_std=PARAM_STD, runs={n: dict(eta=e, steps=k) for n, e, k in DDIM_RUNS},
+                clipped_fraction_per_step=clipped,
+                sampler="GaussianDiffusion(net, image_size=8, timesteps=1000, sampling_timesteps=<steps>, beta_schedule="
+                        "'cosine', ddim_sampling_eta=<eta>, clip_denoised=True, channels=3).ddim_sample((3, 3, 8, 8)) "
+                        "after torch.manual_seed(SEED); <name>.noise: its torch.randn start, <name>.step_noise: its "
+                        "torch.randn_like per step, <name>.times: the visited t, <name>.images: the result in [0, 1]")
+    save_fixture(out / "maskdm_ddim.safetensors", tensors, meta)
 
 
 def make_mask_statistics(official, path: Path) -> None:
@@ -238,6 +294,8 @@ def main() -> None:
     parser.add_argument("--maskdm", type=Path, required=True, help="maskdm work tree at the commit")
     default_out = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official"
     parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--only", choices=FIXTURES, nargs="+", default=list(FIXTURES),
+                        help="make only these fixtures (the others stay as they are)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     import timm  # needed by the official model only
@@ -248,10 +306,14 @@ def main() -> None:
             "commit_verified": check_checkout(args.maskdm, MASKDM_COMMIT), "torch_version": torch.__version__,
             "timm_version": timm.__version__, "dtype": "float32"}
     official = import_official(args.maskdm)
-    make_network(official, args.out, dict(meta))
-    make_loss(official, args.out, dict(meta))
-    make_mask_statistics(official, args.out / "maskdm_masks.json")
-    make_param_counts(official, args.out / "maskdm_param_counts.json")
+    makers = {"network": lambda: make_network(official, args.out, dict(meta)),
+              "loss": lambda: make_loss(official, args.out, dict(meta)),
+              "ddim": lambda: make_ddim(official, args.out, dict(meta)),
+              "masks": lambda: make_mask_statistics(official, args.out / "maskdm_masks.json"),
+              "param_counts": lambda: make_param_counts(official, args.out / "maskdm_param_counts.json")}
+    for name in FIXTURES:  # in this order: loss and ddim check their weights against the network's fixture
+        if name in args.only:
+            makers[name]()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
-"""Which timesteps a respaced sampler visits: ADM's `space_timesteps`, used by DiT, MDT and MaskDM.
+"""Which timesteps a respaced sampler visits: ADM's `space_timesteps` (DiT, MDT), or MaskDM's grid.
 
 A spec is a string: "N" (N steps spread evenly over the whole process), "a,b,c" (the process cut
 into equal sections, a, b and c steps in each), or "ddimN" (the fixed integer stride of the DDIM
-paper that gives exactly N steps: 0, s, 2s, ...). The result is sorted ascending.
+paper that gives exactly N steps: 0, s, 2s, ...). The "linspace" spacing is the grid of MaskDM's
+`ddim_sample` (lucidrains' denoising-diffusion-pytorch): linspace(-1, T-1, N+1) in float32,
+truncated to integers, without the -1; with 250 of 1000 steps that is 3, 7, ..., 999, where ADM's
+"250" is 0, 4, ..., 996. The result is sorted ascending.
 """
 
 from __future__ import annotations
 
-SPACINGS = ("even", "ddim")
+import torch
+
+SPACINGS = ("even", "ddim", "linspace")
+
+
+def linspace_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """MaskDM's DDIM grid, computed as it computes it (torch float32 linspace, then int truncation)."""
+    grid = torch.linspace(-1, num_timesteps - 1, steps=steps + 1).int().tolist()
+    return sorted(set(grid[1:]))
 
 
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
@@ -35,9 +46,11 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
 
 
 def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -> list[int]:
-    """`steps` timesteps by the named spacing: "even" is ADM's "N", "ddim" its "ddimN"."""
+    """`steps` timesteps by the named spacing: "even" is ADM's "N", "ddim" its "ddimN", "linspace" MaskDM's."""
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    if spacing == "linspace":
+        return linspace_timesteps(num_timesteps, steps)
     return space_timesteps(num_timesteps, str(steps) if spacing == "even" else f"ddim{steps}")

@@ -28,15 +28,17 @@ from mdt.locking import exclusive_folder
 from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
-from mdt.sample.samplers import EDM_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
+from mdt.sample.samplers import EDM_SAMPLERS, ETA_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
 from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes, per_sample_noise
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25, "edm-heun": 40}  # edm-heun: MaskDiT's evaluation
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25, "edm-heun": 40,  # edm-heun: MaskDiT's evaluation
+                 "maskdm-ddim": 250}  # MaskDM's eval.py
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
-_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "churn", "guidance", "classes", "seed", "vae", "precision")
+_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "eta", "churn", "guidance", "classes", "seed", "vae",
+                  "precision")
 
 
 @dataclass
@@ -46,7 +48,8 @@ class SampleConfig:
     num_samples: int
     sampler: str = "ddpm"
     steps: int | None = None  # None: DEFAULT_STEPS[sampler]
-    spacing: str = "even"  # which timesteps: ADM's "N" (even) or "ddimN" (ddim); see mdt.diffusion.respacing
+    spacing: str | None = None  # which timesteps (mdt.diffusion.respacing); None: "linspace" for maskdm-ddim, else "even"
+    eta: float | None = None  # DDIM's eta, for ddim and maskdm-ddim; None: ETA_SAMPLERS' default (0 and 1)
     churn: float = 0.0  # EDM's S_churn for edm-heun (0: deterministic), with EDM's ImageNet S_min/S_max/S_noise
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     classes: str = "random"
@@ -57,6 +60,15 @@ class SampleConfig:
     device: str | None = None
     progress: bool = True
     compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
+
+
+    @property
+    def resolved_spacing(self) -> str:
+        return self.spacing or ("linspace" if self.sampler == "maskdm-ddim" else "even")
+
+    @property
+    def resolved_eta(self) -> float | None:
+        return ETA_SAMPLERS.get(self.sampler) if self.eta is None else self.eta
 
 
 @dataclass
@@ -90,20 +102,28 @@ def _visited_points(config: SampleConfig, checkpoint: Checkpoint) -> list[int] |
                         "use ddpm, ddim or dpm++.")
     if config.churn:
         raise UserError("--churn belongs to the EDM sampler; DDPM's ancestral sampler is stochastic already.")
+    kind = ((checkpoint.manifest or {}).get("vae") or {}).get("kind")
+    if config.sampler == "maskdm-ddim" and kind not in (None, "pixel"):
+        raise UserError(f"--sampler maskdm-ddim clips x0 to the pixel range [-1, 1], but {checkpoint.export_dir} "
+                        f"models {kind} latents, which are unbounded; use ddim.")
     if not 1 <= steps <= diffusion.num_timesteps:
         raise UserError(f"--steps {steps} is out of range; pick 1..{diffusion.num_timesteps}.")
     try:
-        return sampling_timesteps(diffusion.num_timesteps, steps, config.spacing)
+        return sampling_timesteps(diffusion.num_timesteps, steps, config.resolved_spacing)
     except ValueError as err:
-        raise UserError(f"--steps {steps} --spacing {config.spacing}: {err}.") from None
+        raise UserError(f"--steps {steps} --spacing {config.resolved_spacing}: {err}.") from None
 
 
 def _validate(config: SampleConfig, checkpoint: Checkpoint) -> list[int] | list[float]:
     """Check the settings; the timesteps (DDPM) or sigmas (EDM) the sampler visits."""
     if config.sampler not in SAMPLERS:
         raise UserError(f"--sampler {config.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
-    if config.spacing not in SPACINGS:
+    if config.spacing is not None and config.spacing not in SPACINGS:
         raise UserError(f"--spacing {config.spacing!r} is unknown; choose one of {', '.join(SPACINGS)}.")
+    if config.eta is not None and config.sampler not in ETA_SAMPLERS:
+        raise UserError(f"--eta belongs to the DDIM samplers ({', '.join(ETA_SAMPLERS)}), not --sampler {config.sampler}.")
+    if config.eta is not None and not 0.0 <= config.eta <= 1.0:
+        raise UserError(f"--eta {config.eta} is out of range; DDIM's eta lies in [0, 1] (0: deterministic).")
     if config.churn < 0:
         raise UserError(f"--churn {config.churn} must be at least 0.")
     timesteps = _visited_points(config, checkpoint)
@@ -153,7 +173,8 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[in
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
         "steps": config.steps or DEFAULT_STEPS[config.sampler],
-        "spacing": config.spacing,
+        "spacing": config.resolved_spacing,
+        "eta": config.resolved_eta,
         "churn": config.churn,
         "guidance": asdict(config.guidance),
         "classes": config.classes,
@@ -178,6 +199,7 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
             raise UserError(f"--out {out} already holds sample PNGs from an unknown run; choose an empty folder.")
         return
     previous = json.loads(path.read_text())
+    previous.setdefault("eta", 0.0 if previous.get("sampler") == "ddim" else None)  # runs from before --eta
     changed = [k for k in _IDENTITY_KEYS if previous.get(k) != record[k]]
     if changed:
         raise UserError(
@@ -242,6 +264,8 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
     if config.sampler in EDM_SAMPLERS:
         sampler = functools.partial(sampler, churn=replace(IMAGENET_CHURN, s_churn=config.churn) if config.churn
                                     else Churn())
+    if config.sampler in ETA_SAMPLERS:
+        sampler = functools.partial(sampler, eta=config.resolved_eta)
     dtype = PRECISIONS[config.precision]
 
     bar = tqdm(total=len(pending) * size, unit="img", disable=not (config.progress and rank == 0), desc="sampling")

@@ -9,7 +9,8 @@ fresh N(0, I) noise shaped like x for stochastic samplers; `mdt sample` draws it
 per sample, so sample i depends only on its own seed.
 
 DDPM and DDIM compute what ADM's `p_sample_loop` / `ddim_sample_loop` (DiT, MDT) compute, on the
-respaced process and with ADM's float64 tables; DPM-Solver++ steps diffusers' scheduler. For EDM
+respaced process and with ADM's float64 tables; `maskdm-ddim` is MaskDM's own DDIM (pixel models:
+x0 clipped, eta 1); DPM-Solver++ steps diffusers' scheduler. For EDM
 models (MaskDiT) `timesteps` are the sigmas to visit and `edm-heun` is EDM's Heun sampler; no
 diffusers scheduler reproduces its float64 state and per-step churn draw, so it is written here.
 """
@@ -66,18 +67,49 @@ def sample_ddpm(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion:
     return x
 
 
+def _ddim_sigma(abar: Tensor, abar_prev: Tensor, eta: float) -> Tensor:
+    """DDIM's sigma_t(eta) (eq. 16 of the DDIM paper), as ADM and MaskDM compute it."""
+    return eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+
+
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
-                timesteps: list[int], step_noise: StepNoise) -> Tensor:
-    """Deterministic DDIM (eta = 0): eps is recomputed from the predicted x0, as ADM does."""
+                timesteps: list[int], step_noise: StepNoise, eta: float = 0.0) -> Tensor:
+    """ADM's `ddim_sample_loop`: eps is recomputed from the predicted x0; eta = 0 is deterministic,
+    eta > 0 adds sigma_t(eta) fresh noise per step (none into x_0, where sigma is 0)."""
     chain, steps = _respaced_steps(diffusion, timesteps, noise)
     x = noise.float()
     for _, index, t in steps:
         eps, _ = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
         x0 = chain.predict_x0(x, index, eps)
         eps = chain.predict_eps(x, index, x0)
+        abar = chain.gather(chain.alphas_cumprod, index, x.dim())
         abar_prev = chain.gather(chain.alphas_cumprod_prev, index, x.dim())
-        x = x0 * abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps
+        sigma = _ddim_sigma(abar, abar_prev, eta)
+        x = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma**2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * step_noise(x)
+    return x
+
+
+@torch.no_grad()
+def sample_maskdm_ddim(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
+                       timesteps: list[int], step_noise: StepNoise, eta: float = 1.0) -> Tensor:
+    """MaskDM's `ddim_sample` (gaussian_ddpm.py, what its eval.py samples with): x0 is clipped to the
+    pixel range [-1, 1] but the step keeps the network's own eps (ADM re-derives eps from the clipped
+    x0), fresh noise at every step but the last, and the last step returns the clipped x0. Its
+    default eta is eval.py's 1; its grid is the "linspace" spacing."""
+    chain, steps = _respaced_steps(diffusion, timesteps, noise)
+    x = noise.float()
+    for i, index, t in steps:
+        eps, _ = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
+        x0 = chain.predict_x0(x, index, eps).clamp(-1, 1)
+        if i == 0:
+            return x0
+        abar = chain.gather(chain.alphas_cumprod, index, x.dim())
+        abar_next = chain.gather(chain.alphas_cumprod_prev, index, x.dim())
+        sigma = _ddim_sigma(abar, abar_next, eta)
+        x = x0 * abar_next.sqrt() + (1 - abar_next - sigma**2).sqrt() * eps + sigma * step_noise(x)
     return x
 
 
@@ -106,7 +138,9 @@ def sample_dpmpp(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp}
+SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp,
+                                 "maskdm-ddim": sample_maskdm_ddim}
+ETA_SAMPLERS = {"ddim": 0.0, "maskdm-ddim": 1.0}  # the samplers that take eta, and its default
 
 
 @dataclass(frozen=True)
