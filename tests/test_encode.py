@@ -17,7 +17,8 @@ import torch
 from helpers import BAD_FILES, GOOD_IMAGES, REPO_ROOT, encoded_bytes, random_image, run_cli
 
 from mdt.data.classes import imagenet_synsets
-from mdt.data.encode import EncodeConfig, encode_dataset, plan_shards, shards_of_rank
+from mdt.data.encode import EncodeConfig, encode_dataset
+from mdt.data.encode_plan import plan_shards, shards_of_rank
 from mdt.data.images import preprocess
 from mdt.data.manifest import read_manifest
 from mdt.data.shard_format import decode_label, decode_moments, decode_source, iter_tar_samples

@@ -1,7 +1,7 @@
 """Offline latent encoding: images -> VAE posterior moments in WebDataset shards + manifest.json.
 
-The work is cut by a deterministic plan: the sorted inputs in shards of `shard_size` images, shard
-i written by rank i mod world size. A shard is written under a temporary name, renamed when
+The work is cut by a deterministic plan (`mdt.data.encode_plan`): the sorted inputs in shards of
+`shard_size` images, shard i written by rank i mod world size. A shard is written under a temporary name, renamed when
 complete, and then recorded in `.encode-state/<shard>.json`; a re-run skips recorded shards and
 redoes the rest, so a run killed at any moment resumes without a partial file under a final name.
 Rank 0 writes `rejects.jsonl` and then `manifest.json` once every rank has finished.
@@ -29,6 +29,16 @@ from tqdm import tqdm
 
 import mdt
 from mdt import distributed
+from mdt.data.encode_plan import (
+    PlannedShard,
+    claim_output,
+    output_settings,
+    plan_shards,
+    remove_stale_temporaries,
+    shard_done,
+    shards_of_rank,
+    sidecar_path,
+)
 from mdt.data.images import DECODE_ERRORS, preprocess
 from mdt.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, manifest_from_dict
 from mdt.data.shard_format import (
@@ -43,12 +53,10 @@ from mdt.data.shard_format import (
 from mdt.data.sources import InputSet, SourceImage, list_inputs
 from mdt.errors import UserError
 from mdt.fileio import atomic_path, write_json
-from mdt.locking import LOCK_NAME, exclusive_folder
+from mdt.locking import exclusive_folder
 from mdt.preemption import leave_stop_signals_to_the_parent, start_workers
 from mdt.vae import DEFAULT_VAE, Autoencoder, load_autoencoder
 
-STATE_DIR = ".encode-state"
-SETTINGS_NAME = "settings.json"
 REJECTS_NAME = "rejects.jsonl"
 # Ranks wait for the slowest one before the manifest is written; on uneven nodes that can be hours.
 RANK_WAIT_MINUTES = 24 * 60
@@ -83,35 +91,6 @@ class EncodeSummary:
     images_per_s: float  # of this run, summed over ranks
 
 
-@dataclass(frozen=True)
-class PlannedShard:
-    index: int
-    name: str
-    start: int  # [start, stop) into the sorted inputs
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def plan_shards(num_images: int, shard_size: int) -> list[PlannedShard]:
-    """The sorted inputs cut into consecutive shards of `shard_size` (the last may be smaller)."""
-    return [
-        PlannedShard(i, shard_name(i), start, min(start + shard_size, num_images))
-        for i, start in enumerate(range(0, num_images, shard_size))
-    ]
-
-
-def shards_of_rank(plan: Sequence[PlannedShard], rank: int, world_size: int) -> list[PlannedShard]:
-    """Shard i belongs to rank i mod world size."""
-    return [s for s in plan if s.index % world_size == rank]
-
-
 def default_workers() -> int:
     """DataLoader workers per rank: this machine's cores shared by its local ranks, minus the main one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -141,12 +120,12 @@ def _encode_locked(config: EncodeConfig, out: Path) -> EncodeSummary:
         raise UserError(
             f"--resolution {config.resolution}: must be a multiple of the VAE's downsampling factor {vae.downsample}."
         )
-    settings = _settings(config, inputs, vae)
-    _claim_output(out, settings)
+    settings = output_settings(config, inputs, vae)
+    claim_output(out, settings)
     distributed.barrier()
 
     plan = plan_shards(len(inputs.images), config.shard_size)
-    pending = [s for s in shards_of_rank(plan, rank, world_size) if not _shard_done(out, s)]
+    pending = [s for s in shards_of_rank(plan, rank, world_size) if not shard_done(out, s)]
     distributed.print0(
         f"{inputs.description}: {len(inputs.images)} images, {len(inputs.classes)} classes "
         f"({inputs.classes.rule} order), {inputs.ignored_files} non-image files ignored; "
@@ -193,86 +172,6 @@ def _validate(config: EncodeConfig) -> None:
         raise UserError(f"--batch-size {config.batch_size}: use a positive batch size.")
     if config.workers is not None and config.workers < 0:
         raise UserError(f"--workers {config.workers}: use 0 (decode in the main process) or more.")
-
-
-# ----------------------------------------------------------------------------- settings / resume
-
-
-def _settings(config: EncodeConfig, inputs: InputSet, vae: Autoencoder) -> dict[str, Any]:
-    """What decides the bytes of the output; a re-run into the same folder must match all of it."""
-    return {
-        "resolution": config.resolution,
-        "vae": vae.spec,
-        "flip": config.flip,
-        "shard_size": config.shard_size,
-        "class_rule": inputs.classes.rule,
-        "classes": list(inputs.classes.names),
-        "input_count": len(inputs.images),
-        "input_fingerprint": inputs.fingerprint(),
-    }
-
-
-def _describe_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    differences = []
-    for key in now:
-        if before.get(key) == now[key]:
-            continue
-        if key == "classes":
-            differences.append("the class list differs")
-        elif key == "input_fingerprint":
-            if before.get("input_count") == now.get("input_count"):
-                differences.append("the input files or their labels differ")
-        else:
-            differences.append(f"{key} was {before.get(key)!r}, now {now[key]!r}")
-    return differences
-
-
-def _claim_output(out: Path, settings: dict[str, Any]) -> None:
-    """Check a re-run matches the recorded settings; record them on a first run (rank 0)."""
-    settings_path = out / STATE_DIR / SETTINGS_NAME
-    manifest_path = out / MANIFEST_NAME
-    recorded: dict[str, Any] | None = None
-    try:
-        if settings_path.is_file():
-            recorded = json.loads(settings_path.read_text())
-        elif manifest_path.is_file():
-            recorded = json.loads(manifest_path.read_text()).get("settings")
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"OUT {out}: its encode record is unreadable ({err}); encode into a new folder."
-        ) from err
-    if recorded is None and out.is_dir() and any(p.name not in (STATE_DIR, LOCK_NAME) for p in out.iterdir()):
-        raise UserError(
-            f"OUT {out}: the folder is not empty and was not written by `mdt encode`; choose a new folder."
-        )
-    if recorded is not None:
-        differences = _describe_differences(recorded, settings)
-        if differences:
-            raise UserError(
-                f"OUT {out} holds an encode with other settings ({'; '.join(differences)}); "
-                "encode into a new folder or repeat the earlier settings to resume."
-            )
-        return
-    if distributed.is_main():
-        write_json(settings_path, settings)
-
-
-def _sidecar(out: Path, shard: PlannedShard) -> Path:
-    return out / STATE_DIR / f"{Path(shard.name).stem}.json"
-
-
-def _shard_done(out: Path, shard: PlannedShard) -> bool:
-    sidecar, tar = _sidecar(out, shard), out / shard.name
-    if not (sidecar.is_file() and tar.is_file()):
-        return False
-    record = json.loads(sidecar.read_text())
-    return record.get("bytes") == tar.stat().st_size and record.get("inputs") == shard.size
-
-
-def _remove_stale_temporaries(out: Path, shard: PlannedShard) -> None:
-    """Temporary files a killed run left for this shard (only this rank writes it)."""
-    for stale in out.glob(f".{shard.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- decoding (workers)
@@ -389,7 +288,7 @@ class _ShardAssembler:
             self._close()
 
     def _open(self, shard: PlannedShard) -> None:
-        _remove_stale_temporaries(self.out, shard)
+        remove_stale_temporaries(self.out, shard)
         self.shard, self.rejects, self.seen = shard, [], 0
         temp = self.open_files.enter_context(atomic_path(self.out / shard.name))
         self.writer = TarShardWriter(self.open_files.enter_context(open(temp, "wb")))
@@ -407,7 +306,7 @@ class _ShardAssembler:
             "bytes": (self.out / self.shard.name).stat().st_size,
             "rejects": self.rejects,
         }
-        write_json(_sidecar(self.out, self.shard), record)
+        write_json(sidecar_path(self.out, self.shard), record)
         self.shard = self.writer = None
 
     def abandon(self, error: BaseException) -> None:
@@ -492,9 +391,9 @@ def _finish(
         [{"source": rel, "reason": reason, "shard": None} for rel, reason in inputs.rejected],
     )
     for shard in plan:
-        if not _shard_done(out, shard):
+        if not shard_done(out, shard):
             raise RuntimeError(f"{out / shard.name} is incomplete after every rank finished")
-        record = json.loads(_sidecar(out, shard).read_text())
+        record = json.loads(sidecar_path(out, shard).read_text())
         entries.append(ShardEntry(shard.name, int(record["count"])))
         rejects.extend({**r, "shard": shard.name} for r in record["rejects"])
     with atomic_path(out / REJECTS_NAME) as temp:
