@@ -191,6 +191,7 @@ def test_init_from_a_run_at_another_resolution_names_the_resolutions(pixel_laten
         (("--val-every", "5"), "val_every needs held-out data"),
         (("--model", "MDTv3-T/2"), "unknown model 'MDTv3-T/2'"),
         (("--set", "objective.mask_ratio=0.4"), "objective settings .* do not fit the dit objective"),
+        (("--max-wall-seconds", "-5"), "max_wall_seconds must be 0 \\(no budget\\) or a positive number of seconds"),
     ],
 )
 def test_user_mistakes_stop_before_training_with_one_sentence(pixel_latents, tmp_path, extra, message):
@@ -219,6 +220,46 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(pixel
     step = int(result.stderr.split("non-finite at step ")[1].split()[0])
     latest = json.loads((run / "checkpoints" / "LATEST.json").read_text())
     assert latest["step"] == step - 1
+
+
+def budget_args(data: Path, run: Path, seconds: float) -> list[str]:
+    """A run that `steps` cannot end within the budget; it logs, validates and checkpoints only at its end."""
+    return train_args(data, run, "DiT-T/2", 1_000_000, "--max-wall-seconds", str(seconds), "--log-every", "100000",
+                      "--ckpt-every", "100000", "--val-shards", "1", "--val-every", "100000")
+
+
+def test_a_wall_clock_budget_stops_every_rank_at_one_step_with_a_checkpoint(pixel_latents, tmp_path):
+    run = tmp_path / "run"
+    result = torchrun(*budget_args(pixel_latents, run, 2), "--deepspeed-config", "deepspeed_configs/zero2.json")
+    assert_ok(result)
+    summary = json.loads((run / "metrics.json").read_text())
+    step = summary["stop_step"]
+    assert summary["stopped_by"] == "max_wall_seconds" and summary["max_wall_seconds"] == 2.0 and 0 < step < 1_000_000
+    assert f"stopped on the budget at step {step}" in result.stdout
+    # Both ranks wrote their optimizer partition of the same step: they agreed where to stop.
+    assert len(list((run / "checkpoints" / f"step_{step:08d}").rglob("*optim_states.pt"))) == 2
+    assert json.loads((run / "checkpoints" / "LATEST.json").read_text())["step"] == step
+    train_records = [r for r in metrics(run) if "loss" in r]
+    val_records = [r for r in metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in train_records] == [step] == [r["step"] for r in val_records]
+    assert summary["final_step"] == step and train_records[-1]["wall_time_s"] >= 2.0
+
+
+def test_a_resumed_run_keeps_its_budget_clock(pixel_latents, tmp_path):
+    """The budget is the run's total: a resume goes on from the seconds the checkpoint recorded."""
+    run = tmp_path / "run"
+    assert_ok(run_cli(*budget_args(pixel_latents, run, 1), env=ENV, timeout=200))
+    first = json.loads((run / "metrics.json").read_text())
+    again = run_cli("train", "--resume", str(run), env=ENV, timeout=200)  # the recorded budget is spent
+    assert_ok(again)
+    assert "already reached max_wall_seconds=1" in again.stdout
+    assert json.loads((run / "checkpoints" / "LATEST.json").read_text())["step"] == first["stop_step"]
+    assert_ok(run_cli("train", "--resume", str(run), "--max-wall-seconds", "2", "--log-every", "1", env=ENV,
+                      timeout=200))
+    second = json.loads((run / "metrics.json").read_text())
+    assert second["stopped_by"] == "max_wall_seconds" and second["stop_step"] > first["stop_step"]
+    resumed = [r["wall_time_s"] for r in metrics(run) if r["step"] > first["stop_step"]]
+    assert min(resumed) >= 1.0 and resumed[-1] >= 2.0  # the first step after the resume: 1 s on, not 0.01 s
 
 
 def test_ema_update_is_the_textbook_average():

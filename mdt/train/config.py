@@ -28,6 +28,13 @@ class TrainConfig:
     objective: dict[str, Any] = field(default_factory=dict)  # mask_ratio, mae_weight, min_snr_gamma, ...
     diffusion: dict[str, Any] = field(default_factory=dict)  # ScheduleConfig fields
     steps: int = 1000
+    # Wall-clock budget in seconds (0 = none): the run stops at the end of the first optimizer step at
+    # which its training time reached it, checkpointed as at the end of a run. Training time is the
+    # clock of the log's wall_time_s: from the start of the first step, validation and checkpoint writes
+    # inside the loop included, process start, model build, DeepSpeed init and checkpoint loading not.
+    # On --resume the clock goes on from the seconds the checkpoint recorded: the budget is the run's
+    # total, like steps, so a preempted run spends only what is left (raise it on --resume to go on).
+    max_wall_seconds: float = 0.0
     micro_batch: int = 32
     grad_accum: int = 1
     lr: float = 1e-4
@@ -63,6 +70,8 @@ class TrainConfig:
             raise UserError("no run folder given; pass --out RUN")
         checks = [
             (self.steps > 0, "steps must be positive"),
+            (isinstance(self.max_wall_seconds, (int, float)) and not isinstance(self.max_wall_seconds, bool)
+             and self.max_wall_seconds >= 0, "max_wall_seconds must be 0 (no budget) or a positive number of seconds"),
             (self.micro_batch > 0, "micro_batch must be positive"),
             (self.grad_accum > 0, "grad_accum must be positive"),
             (self.lr > 0, "lr must be positive"),

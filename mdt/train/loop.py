@@ -62,6 +62,7 @@ class TrainingError(RuntimeError):
 class TrainResult:
     step: int
     interrupted_by: str | None  # signal name when stopped early by SIGTERM/SIGINT
+    reached_budget: bool = False  # stopped before `steps` because training time reached max_wall_seconds
 
 
 def _mix(*parts: int) -> int:
@@ -242,10 +243,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
                                          precision=cfg.precision)
     engine = Engine(model, optimizer, scheduler, ds_config)
 
-    start_step = 0
+    start_step, prior_seconds = 0, 0.0
     if resume:
         client_state = engine.load(run.checkpoints, latest[0])
         start_step = int(client_state["step"])
+        prior_seconds = float(client_state.get("train_seconds", 0.0))  # 0 for checkpoints older than the budget
     ema = EMA(engine.master_partitions(), cfg.ema_decay)
     ema_source = run.checkpoints / latest[0] / "ema" if resume else init_ema_dir
     if ema_source is not None:
@@ -268,7 +270,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
     def save(step: int) -> None:
         tag = tag_for(step)
         try:
-            engine.save(run.checkpoints, tag, {"step": step})
+            engine.save(run.checkpoints, tag, {"step": step, "train_seconds": elapsed()})
             weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
             with engine.masters_replaced_by(ema.shadow):
                 ema_weights = engine.full_fp32_params()
@@ -302,11 +304,22 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
     window: dict[str, float] = {}
     window_steps, window_time = 0, 0.0
     wall_start = time.perf_counter()
+
+    def elapsed() -> float:
+        """Training time of the run: this process's loop plus what the resumed checkpoint recorded."""
+        return prior_seconds + time.perf_counter() - wall_start
+
+    budget = float(cfg.max_wall_seconds)
+    reached_budget = bool(budget) and prior_seconds >= budget  # same on every rank: read from the checkpoint
+    if reached_budget:
+        distributed.print0(f"mdt train: the run's training time {prior_seconds:.1f} s already reached "
+                           f"max_wall_seconds={budget:g} at step {start_step}; nothing to train (raise "
+                           f"--max-wall-seconds to go on)")
     step = start_step
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not distributed.is_main(), desc="train", unit="step",
                dynamic_ncols=True)
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not reached_budget:
             if hasattr(objective, "mask_ratio"):
                 objective.mask_ratio = unmask_ratio(cfg.mask_schedule, base_mask_ratio, step / cfg.steps)
             step_start = time.perf_counter()
@@ -326,26 +339,29 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
             step += 1
             step_time = time.perf_counter() - step_start
 
-            # Every rank learns of a non-finite loss or a stop signal (its number) on any rank.
-            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signum)],
-                                 device=engine.device)
+            # Every rank learns of a non-finite loss, a stop signal (its number) or a spent budget on any
+            # rank, so all stop after the same step even though their clocks differ.
+            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signum),
+                                  float(budget > 0 and elapsed() >= budget)], device=engine.device)
             if distributed.is_initialized():
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             if flags[0] > 0:
                 raise TrainingError(f"the loss became non-finite at step {step} (on at least one rank); the last good "
                                     f"checkpoint is kept in {run.checkpoints}; lower --lr or check the data")
+            reached_budget = bool(flags[2] > 0)
+            last = step == cfg.steps or reached_budget  # log, validate and checkpoint as at the end of a run
 
             for name, value in step_parts.items():
                 window[name] = window.get(name, 0.0) + value
             window_steps += 1
             window_time += step_time
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or last:
                 images_per_s = global_batch * window_steps / window_time
                 record = {"step": step, **{k: v / window_steps for k, v in window.items()}, "lr": engine.lr(),
                           "grad_norm": engine.grad_norm(), "images_per_s": images_per_s,
                           "tokens_per_s": images_per_s * tokens_per_image, "step_time_s": window_time / window_steps,
                           "peak_memory_gb": peak_memory_gb(engine.device),
-                          "wall_time_s": time.perf_counter() - wall_start}
+                          "wall_time_s": elapsed()}
                 if hasattr(objective, "mask_ratio"):
                     record["mask_ratio"] = objective.mask_ratio
                 log.write(record)
@@ -353,25 +369,31 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
                 window, window_steps, window_time = {}, 0, 0.0
             bar.update(1)
 
-            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            if cfg.val_every and (step % cfg.val_every == 0 or last):
                 val = validation_loss(engine, objective, cfg.data, val_shards, cfg.micro_batch, cfg.val_batches)
-                log.write({"step": step, **val, "wall_time_s": time.perf_counter() - wall_start})
+                log.write({"step": step, **val, "wall_time_s": elapsed()})
             if flags[1] > 0:
                 save(step)
                 name = signal.Signals(int(flags[1])).name
                 distributed.print0(f"mdt train: stopped by {name} at step {step}; checkpoint saved, resume with "
                                    f"--resume {run.root}")
                 return TrainResult(step, name)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or last:
                 save(step)
+            if reached_budget:
+                distributed.print0(f"mdt train: stopped on the budget at step {step}: training time {elapsed():.1f} s "
+                                   f"reached max_wall_seconds={budget:g}; checkpoint saved")
     finally:
         bar.close()
         log.close()
         stop.restore()
     if distributed.is_main():
-        write_json(run.root / "metrics.json", summarize(run.metrics, global_batch, time.perf_counter() - wall_start))
+        summary = summarize(run.metrics, global_batch, elapsed())
+        summary.update(stopped_by="max_wall_seconds" if reached_budget else "steps", stop_step=step,
+                       max_wall_seconds=budget)
+        write_json(run.root / "metrics.json", summary)
     distributed.print0(f"mdt train: done at step {step}; EMA weights in {run.ema}")
-    return TrainResult(step, None)
+    return TrainResult(step, None, reached_budget)
 
 
 def summarize(metrics_path: Path, global_batch: int, seconds: float) -> dict:
