@@ -77,6 +77,8 @@ def train_command(
                                    "so DeepSpeed-style launch lines work)"),
     deepspeed_config: str = typer.Option(None, help="ZeRO config JSON, e.g. deepspeed_configs/zero2.json"),
     steps: int = typer.Option(None, help="optimizer steps to train to"),
+    max_wall_seconds: float = typer.Option(None, help="stop (and checkpoint) at the first step at which the run's "
+                                           "training time reached this many seconds; 0: no budget"),
     micro_batch: int = typer.Option(None, help="samples per rank per micro-step"),
     grad_accum: int = typer.Option(None, help="micro-steps per optimizer step"),
     lr: float = typer.Option(None, help="peak learning rate (AdamW)"),
@@ -101,9 +103,9 @@ def train_command(
     from mdt.train.loop import load_run_config
 
     overrides = dict(data=data, model=model, out=out, deepspeed_config=deepspeed_config, steps=steps,
-                     micro_batch=micro_batch, grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every,
-                     val_every=val_every, val_shards=val_shards, log_every=log_every, seed=seed,
-                     precision=precision, num_workers=num_workers, init_from=init_from,
+                     max_wall_seconds=max_wall_seconds, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
+                     ckpt_every=ckpt_every, val_every=val_every, val_shards=val_shards, log_every=log_every,
+                     seed=seed, precision=precision, num_workers=num_workers, init_from=init_from,
                      mask_schedule=mask_schedule, tensorboard=tensorboard, compile=compile)
     for item in set_:
         key, sep, value = item.partition("=")
@@ -204,10 +206,14 @@ def sample_command(
     config: Path = typer.Option(None, help=RECIPE_HELP + " (sample:)"),
     num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
     sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++; edm-heun for EDM "
-                                             "models (MaskDiT)."),
-    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++, 40 edm-heun."),
+                                             "models (MaskDiT); maskdm-ddim for pixel models (MaskDM's eval.py DDIM)."),
+    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++, 40 edm-heun, "
+                                                "250 maskdm-ddim."),
+    eta: float | None = typer.Option(None, help="DDIM's eta (0 = deterministic); default 0 for ddim, 1 for maskdm-ddim."),
     churn: float = typer.Option(0.0, help="edm-heun: EDM's S_churn (0 = deterministic; EDM's ImageNet S_min/max/noise)."),
-    spacing: str = typer.Option("even", help="Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's 'ddimN' stride)."),
+    spacing: str | None = typer.Option(None, help="Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's 'ddimN' "
+                                                  "stride) | linspace (MaskDM's); default linspace for maskdm-ddim, "
+                                                  "else even."),
     cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale w; 1 disables guidance."),
     cfg_schedule: str = typer.Option("constant", help="constant | power-cosine (MDT: w_t ramps from 1 to w)."),
     cfg_power: float = typer.Option(4.0, help="Exponent s of the power-cosine schedule."),
@@ -239,7 +245,8 @@ def sample_command(
     result = run_sampling(
         SampleConfig(
             ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
-            steps=v["steps"], spacing=v["spacing"], churn=float(v["churn"]), guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
+            steps=v["steps"], spacing=v["spacing"], eta=None if v["eta"] is None else float(v["eta"]),
+            churn=float(v["churn"]), guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
             batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
             compile=v["compile"],
         )
