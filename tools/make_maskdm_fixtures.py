@@ -172,11 +172,17 @@ def recorded_draws(ddpm):
         ddpm.torch = real
 
 
-def make_loss(official, out: Path, meta: dict) -> None:
+def stored_unconditional_net(official, out: Path):
+    """The official tiny unconditional U-ViT with the weights of maskdm.safetensors (checked equal)."""
     net = official.uvit.MaskedUViT(**TINY, num_classes=-1)
     randomize(net)
     stored = safe_load(out / "maskdm.safetensors")
     assert all(torch.equal(v, stored[f"uncond.state_dict.{k}"]) for k, v in net.state_dict().items())
+    return net
+
+
+def make_loss(official, out: Path, meta: dict) -> None:
+    net = stored_unconditional_net(official, out)
     diffusion = official.ddpm.GaussianDiffusion(net, image_size=8, timesteps=1000, sampling_timesteps=500,
                                                 loss_type="l2", beta_schedule="cosine", channels=3)
     diffusion.eval()
@@ -222,10 +228,7 @@ def watch_predictions(diffusion, times: list, clipped: list) -> None:
 
 
 def make_ddim(official, out: Path, meta: dict) -> None:
-    net = official.uvit.MaskedUViT(**TINY, num_classes=-1)
-    randomize(net)
-    stored = safe_load(out / "maskdm.safetensors")
-    assert all(torch.equal(v, stored[f"uncond.state_dict.{k}"]) for k, v in net.state_dict().items())
+    net = stored_unconditional_net(official, out)
     net.eval()
     tensors, clipped = {}, {}
     for name, eta, steps in DDIM_RUNS:
