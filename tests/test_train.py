@@ -242,7 +242,12 @@ def test_a_wall_clock_budget_stops_every_rank_at_one_step_with_a_checkpoint(pixe
     train_records = [r for r in metrics(run) if "loss" in r]
     val_records = [r for r in metrics(run) if "val_loss" in r]
     assert [r["step"] for r in train_records] == [step] == [r["step"] for r in val_records]
-    assert summary["final_step"] == step and train_records[-1]["wall_time_s"] >= 2.0
+    assert summary["final_step"] == step
+    # One clock: the value that stopped the run is the one logged and summarised, whatever the load.
+    clock = train_records[-1]["wall_time_s"]
+    assert clock >= summary["max_wall_seconds"]
+    assert val_records[-1]["wall_time_s"] == clock
+    assert summary["wall_time_s"] == clock
 
 
 def test_a_resumed_run_keeps_its_budget_clock(pixel_latents, tmp_path):

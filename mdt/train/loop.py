@@ -267,10 +267,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
         f"{'compiled' if compiled else 'eager'}{', activation checkpointing' * cfg.activation_checkpointing}, "
         f"steps {start_step} -> {cfg.steps}")
 
-    def save(step: int) -> None:
+    def save(step: int, clock: float) -> None:
         tag = tag_for(step)
         try:
-            engine.save(run.checkpoints, tag, {"step": step, "train_seconds": elapsed()})
+            engine.save(run.checkpoints, tag, {"step": step, "train_seconds": clock})
             weights = engine.full_fp32_params()  # collective under ZeRO: all ranks gather, rank 0 writes
             with engine.masters_replaced_by(ema.shadow):
                 ema_weights = engine.full_fp32_params()
@@ -309,6 +309,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
         """Training time of the run: this process's loop plus what the resumed checkpoint recorded."""
         return prior_seconds + time.perf_counter() - wall_start
 
+    clock = prior_seconds  # the run's one clock: the slowest rank's reading, agreed once per step
+
     budget = float(cfg.max_wall_seconds)
     reached_budget = bool(budget) and prior_seconds >= budget  # same on every rank: read from the checkpoint
     if reached_budget:
@@ -339,16 +341,18 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
             step += 1
             step_time = time.perf_counter() - step_start
 
-            # Every rank learns of a non-finite loss, a stop signal (its number) or a spent budget on any
-            # rank, so all stop after the same step even though their clocks differ.
-            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signum),
-                                  float(budget > 0 and elapsed() >= budget)], device=engine.device)
+            # Every rank learns of a non-finite loss or a stop signal (its number) on any rank, and all take
+            # the slowest rank's clock as the run's: the budget test, the log and the checkpoint then read
+            # one value, and every rank stops after the same step.
+            flags = torch.tensor([float(not math.isfinite(step_parts["loss"])), float(stop.signum), elapsed()],
+                                 dtype=torch.float64, device=engine.device)
             if distributed.is_initialized():
                 torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             if flags[0] > 0:
                 raise TrainingError(f"the loss became non-finite at step {step} (on at least one rank); the last good "
                                     f"checkpoint is kept in {run.checkpoints}; lower --lr or check the data")
-            reached_budget = bool(flags[2] > 0)
+            clock = float(flags[2])
+            reached_budget = budget > 0 and clock >= budget
             last = step == cfg.steps or reached_budget  # log, validate and checkpoint as at the end of a run
 
             for name, value in step_parts.items():
@@ -361,7 +365,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
                           "grad_norm": engine.grad_norm(), "images_per_s": images_per_s,
                           "tokens_per_s": images_per_s * tokens_per_image, "step_time_s": window_time / window_steps,
                           "peak_memory_gb": peak_memory_gb(engine.device),
-                          "wall_time_s": elapsed()}
+                          "wall_time_s": clock}
                 if hasattr(objective, "mask_ratio"):
                     record["mask_ratio"] = objective.mask_ratio
                 log.write(record)
@@ -371,24 +375,24 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
 
             if cfg.val_every and (step % cfg.val_every == 0 or last):
                 val = validation_loss(engine, objective, cfg.data, val_shards, cfg.micro_batch, cfg.val_batches)
-                log.write({"step": step, **val, "wall_time_s": elapsed()})
+                log.write({"step": step, **val, "wall_time_s": clock})
             if flags[1] > 0:
-                save(step)
+                save(step, clock)
                 name = signal.Signals(int(flags[1])).name
                 distributed.print0(f"mdt train: stopped by {name} at step {step}; checkpoint saved, resume with "
                                    f"--resume {run.root}")
                 return TrainResult(step, name)
             if step % cfg.ckpt_every == 0 or last:
-                save(step)
+                save(step, clock)
             if reached_budget:
-                distributed.print0(f"mdt train: stopped on the budget at step {step}: training time {elapsed():.1f} s "
+                distributed.print0(f"mdt train: stopped on the budget at step {step}: training time {clock:.1f} s "
                                    f"reached max_wall_seconds={budget:g}; checkpoint saved")
     finally:
         bar.close()
         log.close()
         stop.restore()
     if distributed.is_main():
-        summary = summarize(run.metrics, global_batch, elapsed())
+        summary = summarize(run.metrics, global_batch, clock)
         summary.update(stopped_by="max_wall_seconds" if reached_budget else "steps", stop_step=step,
                        max_wall_seconds=budget)
         write_json(run.root / "metrics.json", summary)
