@@ -1,7 +1,8 @@
 """The frozen autoencoder between pixels and latents.
 
 `load_autoencoder(spec)` accepts a Hugging Face hub id, a local diffusers folder, a single
-`.safetensors` checkpoint (with a local config folder) or `pixel` (the identity, for pixel-space
+`.safetensors` checkpoint (with a local config folder), an LDM-format `.pth`/`.pt`/`.ckpt` state dict
+such as MaskDiT's `autoencoder_kl.pth` (see `mdt.vae_ldm`), or `pixel` (the identity, for pixel-space
 diffusion as in MaskDM), and returns an `Autoencoder` with one small interface:
 
 - `encode_moments(pixels)`: pixels in [-1, 1], NCHW -> the posterior's (mean, std), unscaled.
@@ -28,6 +29,7 @@ import torch
 
 from mdt.distributed import default_device
 from mdt.errors import UserError
+from mdt.vae_ldm import TORCH_SUFFIXES, load_ldm_file
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 PIXEL_SPEC = "pixel"
@@ -91,10 +93,11 @@ def load_autoencoder(
     config: str | os.PathLike[str] | None = None,
 ) -> Autoencoder:
     """Load the autoencoder named by `spec`: a hub id, a local diffusers folder, a `.safetensors`
-    file or `pixel`.
+    file, an LDM-format `.pth`/`.pt`/`.ckpt` state dict or `pixel`.
 
-    For a single `.safetensors` file the architecture comes from `config` (a folder holding the
-    diffusers `config.json`), or from a `config.json` beside the file when `config` is None.
+    For a single file the architecture comes from `config` (a folder holding the diffusers
+    `config.json`), or from a `config.json` beside the file when `config` is None; a torch file with
+    neither gets the SD kl-f8 architecture that MaskDiT's `autoencoder_kl.pth` has.
     `dtype` defaults to float32 on CPU and bfloat16 on GPU.
     """
     device = torch.device(device) if device is not None else default_device()
@@ -114,7 +117,7 @@ def load_autoencoder(
 
     config_dir: str | None = None
     path = Path(spec).expanduser()
-    if spec.endswith(".safetensors") or path.is_file():
+    if spec.endswith((".safetensors", *TORCH_SUFFIXES)) or path.is_file():
         module, config_dir = _load_single_file(path, config, dtype)
     elif path.is_dir():
         module = _load_folder(path, dtype)
@@ -202,10 +205,13 @@ def _load_single_file(
     path: Path, config: str | os.PathLike[str] | None, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, str]:
     if not path.is_file():
-        raise UserError(f"--vae {path}: no such file; pass an existing .safetensors checkpoint.")
+        raise UserError(f"--vae {path}: no such file; pass an existing .safetensors or .pth checkpoint.")
+    if path.suffix in TORCH_SUFFIXES:
+        return load_ldm_file(path, config, dtype)
     if path.suffix != ".safetensors":
         raise UserError(
-            f"--vae {path}: only .safetensors checkpoints are loaded (no pickle); convert it first."
+            f"--vae {path}: only .safetensors files and LDM-format {'/'.join(TORCH_SUFFIXES)} state dicts "
+            "are loaded; convert it to one of these first."
         )
     config_dir = Path(config).expanduser() if config is not None else path.parent
     if not (config_dir / "config.json").is_file():
