@@ -149,3 +149,60 @@ def test_an_import_samples_and_fine_tunes_through_the_cli(tmp_path: Path, tiny_v
     assert "records no data manifest" in result.stdout + result.stderr
     tuned = load_pretrained(tmp_path / "run" / "ema")
     assert tuned.config.depth == 6 and tuned.config.hidden_size == 64  # the imported model, not MDTv2-T/2
+
+
+def _pipeline(directory: Path, scheduler: dict | None) -> Path:
+    """A DiTPipeline-like folder: transformer/ (a tiny diffusers DiT) and, if given, scheduler/."""
+    from test_diffusers_dit import tiny_diffusers
+
+    tiny_diffusers().save_pretrained(directory / "transformer")
+    if scheduler is not None:
+        (directory / "scheduler").mkdir()
+        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "DDIMScheduler", "clip_sample": False, **scheduler}))
+    return directory
+
+
+def _cosine_betas() -> list[float]:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2").betas.tolist()  # float32, as a saved config holds
+
+
+@pytest.mark.parametrize("scheduler, expected", [
+    (None, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}),
+    ({"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 500}, {"beta_schedule": "cosine",
+                                                                          "num_timesteps": 500}),
+    ({"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012}, {"beta_start": 0.00085, "beta_end": 0.012}),
+    ({"trained_betas": "cosine"}, {"beta_schedule": "cosine", "num_timesteps": 1000}),
+])
+def test_a_diffusers_pipeline_records_its_schedulers_ddpm(tmp_path: Path, scheduler, expected) -> None:
+    if scheduler and scheduler.get("trained_betas") == "cosine":
+        scheduler = {"trained_betas": _cosine_betas()}
+    source = _pipeline(tmp_path / "pipe", scheduler)
+    assert mdt_import(source, tmp_path / "out", "DiT", []).exit_code == 0
+    diffusion = json.loads((tmp_path / "out" / "diffusion.json").read_text())
+    assert diffusion["formulation"] == "ddpm" and diffusion["prediction_type"] == "epsilon"
+    assert {k: diffusion[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("scheduler, words", [
+    ({"beta_schedule": "scaled_linear"}, "'scaled_linear'"),
+    ({"prediction_type": "v_prediction"}, "'v_prediction'"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"trained_betas": [0.01] * 1000}, "betas"),
+])
+def test_a_diffusers_scheduler_mdt_cannot_sample_is_refused(tmp_path: Path, scheduler, words: str) -> None:
+    source = _pipeline(tmp_path / "pipe", scheduler)
+    _refused(mdt_import(source, tmp_path / "out", "DiT", []), tmp_path / "out", words, "scheduler_config.json")
+
+
+def test_a_maskdit_checkpoint_with_a_variance_output_is_refused(tmp_path: Path) -> None:
+    """MaskDiT is EDM: its final layer predicts D (C channels); 2C would be a learned variance EDM has not."""
+    state_dict = official_state_dict(load_fixture("maskdit")[0])
+    for name in ("weight", "bias"):
+        key = f"model.final_layer.linear.{name}"
+        state_dict[key] = torch.cat([state_dict[key], state_dict[key]])
+    torch.save({"ema": state_dict}, tmp_path / "ckpt.pt")
+    _refused(mdt_import(tmp_path / "ckpt.pt", tmp_path / "out", "MaskDiT", ["num_heads=4", "decoder_num_heads=2"]),
+             tmp_path / "out", "EDM", "variance")

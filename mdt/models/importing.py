@@ -1,8 +1,10 @@
 """`mdt import`: an official or diffusers checkpoint -> an mdt export folder.
 
 The export (`model.safetensors`, `model_config.json`, `diffusion.json`, `import.json`) is what
-`load_pretrained`, `mdt sample --ckpt` and `mdt train --init-from` read. It records no data
-manifest: the VAE the model was trained with is named at sampling (`--vae`).
+`load_pretrained`, `mdt sample --ckpt` and `mdt train --init-from` read. `diffusion.json` is the
+process the source code base trained with (MaskDiT: EDM; the others DDPM; `import_diffusion`), so
+`mdt sample` picks the right samplers. It records no data manifest: the VAE the model was trained
+with is named at sampling (`--vae`).
 
 Files are read without unpickling arbitrary objects: `torch.load(weights_only=True)` with only
 `argparse.Namespace` allowed (DiT's `train.py` stores its arguments as one), unless the user
@@ -23,10 +25,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from mdt.diffusion.schedule import ScheduleConfig
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.models.config import ModelConfig
+from mdt.models.import_diffusion import diffusers_schedule, imported_diffusion
 from mdt.models.io import save_pretrained
 from mdt.models.official import read_official, to_mdt_state_dict
 from mdt.models.registry import FAMILY_NAMES, model_config
@@ -179,11 +181,11 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
     if out.exists():
         raise UserError(f"{out} already exists; pass a new folder for the import")
     checks = dict(input_size=input_size, num_classes=num_classes)
-    schedule: dict = {}  # what the checkpoint records of its diffusion schedule (MaskDM: cosine betas)
     if source.is_dir():
         dims, state_dict = read_diffusers_folder(source)
         config = resolve_config(model, dims, "dit", list(sets), **checks)
         fmt, what = "diffusers", "a diffusers DiTTransformer2DModel"
+        diffusion = imported_diffusion("dit", config.learn_sigma, diffusers_schedule(source))
     else:
         tensors, what = select_state_dict(load_checkpoint_file(source, trust_pickle), source)
         official = read_official(tensors)
@@ -194,13 +196,13 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
         # The official layout maps onto mdt's once the encoder depth (MDTv1: from --set) is known.
         state_dict = to_mdt_state_dict(official, config.encoder_depth, config.grid_size)
         fmt = f"official {official.family}"
-        schedule = official.schedule
+        diffusion = imported_diffusion(official.family, config.learn_sigma, official.schedule)
     network = build_model(config, state_dict, source)
     staging = out.with_name(f".{out.name}.importing")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_pretrained(network, staging)
-        write_json(staging / "diffusion.json", ScheduleConfig(learn_sigma=config.learn_sigma, **schedule).to_dict())
+        write_json(staging / "diffusion.json", diffusion.to_dict())
         write_json(staging / "import.json", {"source": str(source.resolve()), "format": fmt, "read": what,
                                              "vae": "not recorded: pass --vae to mdt sample"})
         staging.rename(out)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
+from mdt.models.import_diffusion import schedule_of_betas
 
 _SCHEDULE_BUFFERS = {
     "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -110,13 +109,7 @@ def to_uvit_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def schedule_from_buffers(buffers: dict[str, Tensor]) -> dict:
-    """The ScheduleConfig fields of the official betas: cosine (MaskDM's setting) when none are stored."""
+    """The ScheduleConfig fields of the official betas: none when none are stored (then MaskDM's cosine)."""
     if "betas" not in buffers:
-        return {"beta_schedule": "cosine"}
-    betas = buffers["betas"].double().numpy()
-    for name in ("cosine", "linear"):
-        cfg = ScheduleConfig(num_timesteps=len(betas), beta_schedule=name, learn_sigma=False)
-        if np.allclose(make_betas(cfg), betas, rtol=1e-5, atol=1e-7):
-            return {"num_timesteps": len(betas), "beta_schedule": name}
-    raise UserError(f"the MaskDM checkpoint's {len(betas)} betas are neither the cosine nor the linear schedule mdt "
-                    "builds (a shifted schedule?); mdt cannot sample it as trained")
+        return {}
+    return schedule_of_betas(buffers["betas"].double().numpy(), "the MaskDM checkpoint")
