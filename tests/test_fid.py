@@ -220,7 +220,7 @@ def test_bad_inputs_are_one_sentence_each(data, tmp_path: Path) -> None:
         (dict(samples=mixed), "mixes resolutions"),
         (dict(num=1000), f"holds {N} images but --num asks for 1000"),
         (dict(samples=_write_images(tmp_path / "small", 4, (16, 16), seed=4)), "16 px"),
-        (dict(opts=_opts(data, mode="adm")), "clean-mode statistics but this run is in adm mode"),
+        (dict(opts=_opts(data, mode="adm")), "was computed in clean mode but --mode is adm"),
         (dict(opts=_opts(data, "net2")), "another feature network"),
         (dict(ref=bare), "--trust-ref"),
         (dict(samples=corrupt), "not a readable npz"),

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mdt import distributed
 from mdt.errors import UserError
 from mdt.eval.network import FeatureNetwork
-from mdt.eval.resize import build_resizer
+from mdt.eval.resize import SIZE, network_input
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -131,16 +131,16 @@ class _Resized(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        """(3, 299, 299) float32 in [0, 255], and "" or why image i could not be read (raised by the caller:
-        an exception raised in a loader worker would reach the user wrapped in the worker's traceback)."""
+        """Image i as Inception's (3, 299, 299) float32 input in this mode, and "" or why it could not be
+        read (raised by the caller: an exception raised in a loader worker would reach the user wrapped in
+        the worker's traceback)."""
         try:
-            resized = build_resizer(self.mode)(self.source.image(i))  # (299, 299, 3)
+            return network_input(self.source.image(i), self.mode), ""
         except UserError as err:
-            return torch.zeros(3, 299, 299), str(err)
+            return torch.zeros(3, SIZE, SIZE), str(err)
         except (OSError, ValueError) as err:
             name = self.source.files[i] if isinstance(self.source, FileImages) else f"image {i} of {self.source.path}"
-            return torch.zeros(3, 299, 299), f"{name} cannot be read as an image ({err}); replace or remove it."
-        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1), ""
+            return torch.zeros(3, SIZE, SIZE), f"{name} cannot be read as an image ({err}); replace or remove it."
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Samples are a folder written by `mdt sample` (its {i:06d}.png files; a folder without such
 names is read whole) or an npz with `arr_0` uint8 NHWC (samples.npz). Every number is computed in
-one mode (`clean` or `adm`, see mdt.eval.resize), which is named in every output. Under torchrun
+one mode (`clean`, `adm` or `pytorch-fid`, see mdt.eval.resize), which is named in every output. Under torchrun
 the features are split over the processes; rank 0 computes the metrics and writes them.
 """
 
@@ -21,7 +21,7 @@ from mdt.eval.features import FileImages, NpzImages, common_resolution, extract_
 from mdt.eval.manifold import NEIGHBOURHOOD, precision_recall
 from mdt.eval.network import FeatureNetwork, load_feature_network
 from mdt.eval.reference import EvalOptions, count_check, image_stats, load_reference, stats_meta
-from mdt.eval.resize import MODES
+from mdt.eval.resize import MODE_NAMES, MODES
 from mdt.eval.stats import FeatureStats, fid, inception_score, kid, sfid
 from mdt.fileio import merge_json
 
@@ -40,7 +40,7 @@ class FeatureOptions:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise UserError(f"--mode {self.mode!r} is unknown; choose clean (clean-fid's) or adm (ADM's evaluator).")
+            raise UserError(f"--mode {self.mode!r} is unknown; choose {MODE_NAMES}.")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1.")
         self.eval = EvalOptions(self.mode, self.batch_size, self.num_workers, self.verbose)

@@ -66,12 +66,21 @@ def installed_inception_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
+def _file_hash(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(functools.partial(f.read, 1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha1(path: Path) -> str:
+    return _file_hash(path, "sha1")
+
+
+def legacy_network_id(path: Path) -> str:
+    """How statistics files of format 1 (no `version` in their meta) named the network: SHA-256, 16 hex digits."""
+    return _file_hash(path, "sha256")[:16]
 
 
 def locate_inception(path: Path | None) -> NetworkChoice:
@@ -100,8 +109,8 @@ def locate_inception(path: Path | None) -> NetworkChoice:
 class FeatureNetwork(nn.Module):
     """Pool features (B, D), and where the network allows, sFID's spatial features and class logits.
 
-    Input: (B, 3, 299, 299) float images in [0, 255], already resized; they are mapped to
-    [-1, 0.9921875] by (x - 128) / 128, as the TF graph does after its resize.
+    Input: (B, 3, 299, 299) float images already resized and scaled to Inception's range (about
+    [-1, 1]) by the FID mode's preprocessing (mdt.eval.resize.network_input), which differs by mode.
     """
 
     def __init__(self, choice: NetworkChoice, device: torch.device) -> None:
@@ -145,8 +154,8 @@ class FeatureNetwork(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x: (B, 3, 299, 299) in [0, 255] -> {"pool": (B, D), "spatial": (B, 2023)?, "logits": (B, K)?}."""
-        x = (x.to(self.device, torch.float32) - 128) / 128
+        """x: (B, 3, 299, 299) Inception input -> {"pool": (B, D), "spatial": (B, 2023)?, "logits": (B, K)?}."""
+        x = x.to(self.device, torch.float32)
         out: dict[str, Tensor] = {}
         if self.inception_v3:
             for name, layer in self.layers.named_children():

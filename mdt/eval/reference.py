@@ -1,12 +1,14 @@
 """Reference statistics for `mdt fid --ref`, of three kinds, each checked against the run:
 
 - an `mdt fid-ref` statistics file: its recorded mode, resolution and feature network must be the
-  run's (and its format version this code's);
+  run's (and its format version this code's; format 1, which had no `version` and was always
+  clean mode, is still read in clean mode when its network id matches);
 - an ADM reference batch (`VIRTUAL_imagenet256_labeled.npz` and the like: `arr_0` images,
-  `mu`/`sigma`, `mu_s`/`sigma_s`): in `adm` mode its statistics are used as they are (they come
-  from ADM's evaluator) and its images give the features for precision, recall and KID; in
-  `clean` mode everything is computed from its images, since its statistics are not clean-mode
-  ones. Its images must have the samples' resolution, and the network must be Inception-v3;
+  `mu`/`sigma`, `mu_s`/`sigma_s`, no record of a mode): its statistics are adm-mode ones (they come
+  from ADM's evaluator), used as they are in `adm` mode, where its images give the features for
+  precision, recall and KID; in the other modes everything is computed from its images in that
+  mode, and a batch without images is refused. Its images must have the samples' resolution, and
+  the network must be Inception-v3;
 - a folder of images (searched recursively), ADM-center-cropped to the samples' resolution.
 
 Features computed from images (folders, ADM batches) are cached, keyed by the source (listing,
@@ -32,11 +34,13 @@ import PIL
 from mdt import distributed
 from mdt.errors import UserError
 from mdt.eval.features import FileImages, NpzImages, extract_features, list_images
-from mdt.eval.network import FeatureNetwork
+from mdt.eval.network import FeatureNetwork, legacy_network_id
 from mdt.eval.stats import FeatureStats
 
 STATS_FORMAT = "mdt-fid-stats"
-STATS_VERSION = 2  # 2: modes clean/adm, sFID statistics, sha1 network ids
+STATS_VERSION = 2  # 2: a mode (clean/adm, later pytorch-fid), sFID statistics, sha1 network ids
+# The libraries each mode's preprocessing depends on besides PIL and numpy (part of the cache key).
+MODE_LIBRARIES = {"clean": ("clean-fid",), "adm": ("clean-fid",), "pytorch-fid": ("torch",)}
 
 
 @dataclass
@@ -65,16 +69,16 @@ def _version(package: str) -> str:
         return "absent"
 
 
-def code_versions() -> str:
-    """What the cached features depend on besides their inputs."""
-    return (f"stats{STATS_VERSION}|mdt {_version('mdt')}|clean-fid {_version('clean-fid')}|pillow {PIL.__version__}"
-            f"|numpy {np.__version__}")
+def code_versions(mode: str) -> str:
+    """What the cached features of `mode` depend on besides their inputs."""
+    libraries = "".join(f"|{name} {_version(name)}" for name in MODE_LIBRARIES[mode])
+    return f"stats{STATS_VERSION}|mdt {_version('mdt')}{libraries}|pillow {PIL.__version__}|numpy {np.__version__}"
 
 
 def stats_meta(net: FeatureNetwork, opts: EvalOptions, resolution: int, count: int, source: Path) -> dict[str, Any]:
     return {"format": STATS_FORMAT, "version": STATS_VERSION, "mode": opts.mode, "resolution": resolution,
             "num_images": count, "feature_network": net.sha1, "source": str(source.resolve()),
-            "code": code_versions()}
+            "code": code_versions(opts.mode)}
 
 
 def count_check(found: int, num: int | None, what: str) -> int:
@@ -106,16 +110,24 @@ def _cached(key_parts: list[str], cache_dir: Path | None, compute) -> FeatureSta
     return stats
 
 
+def mode_mismatch(ref: Path, recorded: str, mode: str, fix: str) -> UserError:
+    return UserError(f"--ref {ref} was computed in {recorded} mode but --mode is {mode}; FIDs of different modes do "
+                     f"not compare, so {fix}.")
+
+
 def _check_recorded(ref: Path, meta: dict[str, Any], net: FeatureNetwork, mode: str, resolution: int) -> None:
-    if meta.get("version") != STATS_VERSION:
+    legacy = "version" not in meta  # format 1: clean mode, same preprocessing, a SHA-256 network id, no sFID
+    if not legacy and meta.get("version") != STATS_VERSION:
         raise UserError(f"--ref {ref} was written by another version of `mdt fid-ref` (format {meta.get('version')}, "
                         f"this is {STATS_VERSION}); recompute it with `mdt fid-ref`.")
     if meta.get("mode") != mode:
-        raise UserError(f"--ref {ref} holds {meta.get('mode')}-mode statistics but this run is in {mode} mode; pass "
-                        f"--mode {meta.get('mode')} or recompute the reference with `mdt fid-ref --mode {mode}`.")
+        raise mode_mismatch(ref, meta.get("mode"), mode, f"pass --mode {meta.get('mode')} or recompute the "
+                                                         f"reference with `mdt fid-ref --mode {mode}`")
     if meta.get("resolution") != resolution:
         raise UserError(f"--ref {ref} describes {meta.get('resolution')} px images but the samples are {resolution} px; "
                         f"use reference statistics made with `mdt fid-ref --resolution {resolution}`.")
+    if legacy and meta.get("feature_network") == legacy_network_id(net.choice.path):
+        return
     if meta.get("feature_network") != net.sha1:
         raise UserError(f"--ref {ref} was computed with another feature network (sha1 {meta.get('feature_network')}, "
                         f"this run uses {net.sha1} from {net.choice.path}); pass that network as --inception or "
@@ -137,13 +149,13 @@ def _adm_batch(ref: Path, files: list[str], net: FeatureNetwork, opts: EvalOptio
     computed = None
     if images is not None:
         key = ["adm-batch", str(ref.resolve()), f"{st.st_size}|{st.st_mtime_ns}", str(resolution), opts.mode, net.sha1,
-               code_versions()]
+               code_versions(opts.mode)]
         computed = _cached(key, cache_dir, lambda: image_stats(images, net, opts, {**meta, "num_images": len(images)},
                                                              "reference features"))
-    if opts.mode == "clean":
+    if opts.mode != "adm":
         if computed is None:
-            raise UserError(f"--ref {ref} holds ADM's (adm-mode) statistics but no arr_0 images to compute clean-mode "
-                            "ones from; pass --mode adm.")
+            raise mode_mismatch(ref, "adm", opts.mode, f"pass --mode adm (this ADM reference batch has no arr_0 "
+                                                       f"images to compute {opts.mode}-mode statistics from)")
         return computed
     with np.load(ref, allow_pickle=False) as data:
         adm = FeatureStats(data["mu"], data["sigma"], None, {**meta, "statistics": "the file's (ADM's evaluator)"},
@@ -160,7 +172,7 @@ def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: EvalOp
     if ref.is_dir():
         files = list_images(ref, recursive=True)
         count_check(len(files), None, f"the reference folder {ref}")
-        key = ["folder", str(ref.resolve()), str(resolution), opts.mode, net.sha1, code_versions()]
+        key = ["folder", str(ref.resolve()), str(resolution), opts.mode, net.sha1, code_versions(opts.mode)]
         for p in files:
             st = p.stat()
             key.append(f"{p.relative_to(ref)}|{st.st_size}|{st.st_mtime_ns}")
@@ -187,6 +199,7 @@ def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: EvalOp
         return Reference(_adm_batch(ref, members, net, opts, resolution, cache_dir), "adm-reference-batch")
     stats = FeatureStats.load(ref)
     if not trust_ref:
-        raise UserError(f"--ref {ref} holds only mu/sigma, with no record of the mode, resolution and network that made "
-                        "them; recompute it with `mdt fid-ref`, or pass --trust-ref to use it unchecked.")
+        raise UserError(f"--ref {ref} holds only mu/sigma (as clean-fid and pytorch-fid's --save-stats write them), "
+                        "with no record of the mode, resolution and network that made them; recompute it with "
+                        "`mdt fid-ref --mode MODE`, or pass --trust-ref to use it unchecked.")
     return Reference(stats, "mu-sigma (unchecked)", checked=False)
