@@ -21,8 +21,8 @@ from benchmark_utils import emit, machine, synchronize, time_call
 from mdt.diffusion.respacing import sampling_timesteps
 from mdt.diffusion.schedule import ScheduleConfig
 from mdt.models import create_model
+from mdt.precision import PRECISIONS, autocast, sampling_mode
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
-from mdt.sample.run import PRECISIONS
 from mdt.sample.samplers import SAMPLERS
 from mdt.sample.seeding import initial_noise, noise_generators, per_sample_noise
 
@@ -48,11 +48,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="Images per sampler call.")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--input-size", type=int, default=32, help="Latent side (32 for 256 px).")
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--precision", default="fp32", choices=[p for p in PRECISIONS if p != "auto"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    device, precision = torch.device(args.device), sampling_mode(args.precision)
     diffusion = ScheduleConfig()
     model = create_model(args.model, input_size=args.input_size).to(device).eval()
     counter = CountingModel(model)
@@ -71,7 +71,7 @@ def main() -> None:
     y = torch.arange(rows, device=device) % cfg.num_classes
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad(), autocast(precision, device):
             model(x, t, y)
 
     forward_s = time_call(forward, device, warmup=1, repeats=3)
@@ -82,7 +82,7 @@ def main() -> None:
         noise = initial_noise(gens, shape).to(device)
 
         def run(steps: int, name: str = name, gens: list = gens, noise: torch.Tensor = noise) -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with autocast(precision, device):
                 SAMPLERS[name](guided, noise, labels, diffusion=diffusion, step_noise=per_sample_noise(gens),
                                timesteps=sampling_timesteps(diffusion.num_timesteps, steps))
 

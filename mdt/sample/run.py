@@ -25,6 +25,7 @@ from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.locking import exclusive_folder
+from mdt.precision import autocast, sampling_mode, set_tf32
 from mdt.sample.checkpoint import Checkpoint, read_checkpoint
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
@@ -33,7 +34,6 @@ from mdt.sample.seeding import class_labels, initial_noise, noise_generators, pa
 
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25, "edm-heun": 40,  # edm-heun: MaskDiT's evaluation
                  "maskdm-ddim": 250}  # MaskDM's eval.py
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
@@ -131,8 +131,7 @@ def _validate(config: SampleConfig, checkpoint: Checkpoint) -> list[int] | list[
         raise UserError(f"--num-samples {config.num_samples} must be at least 1.")
     if config.batch_size < 1:
         raise UserError(f"--batch-size {config.batch_size} must be at least 1.")
-    if config.precision not in PRECISIONS:
-        raise UserError(f"--precision {config.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}.")
+    sampling_mode(config.precision)  # a mode's name, or one sentence naming them
     g = config.guidance
     if g.scale < 1.0:
         raise UserError(f"--cfg-scale {g.scale} is below 1; use 1 for no guidance or a larger value to guide.")
@@ -153,7 +152,8 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
         raise UserError(
             f"{checkpoint.export_dir} records no VAE (no data_manifest.json); pass --vae with the VAE the latents were encoded with."
         )
-    vae = load_autoencoder(spec, device=device)
+    # The architecture folder the latents were encoded with (a single .safetensors or .pth file's).
+    vae = load_autoencoder(spec, device=device, config=None if override else recorded.get("config"))
     channels, size, _ = checkpoint.latent_shape
     if vae.latent_channels != channels:
         raise UserError(f"--vae {spec} makes {vae.latent_channels}-channel latents but the model takes {channels}; pass the VAE the data was encoded with.")
@@ -266,7 +266,8 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
                                     else Churn())
     if config.sampler in ETA_SAMPLERS:
         sampler = functools.partial(sampler, eta=config.resolved_eta)
-    dtype = PRECISIONS[config.precision]
+    precision = sampling_mode(config.precision)
+    set_tf32(precision)
 
     bar = tqdm(total=len(pending) * size, unit="img", disable=not (config.progress and rank == 0), desc="sampling")
     start = time.perf_counter()
@@ -276,7 +277,7 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
         generators = noise_generators(config.seed, indices)
         noise = initial_noise(generators, checkpoint.latent_shape).to(device)
         labels = torch.tensor(class_labels(classes, config.seed, indices, checkpoint.num_classes), device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(precision, device):
             latents = sampler(
                 denoiser, noise, labels, diffusion=checkpoint.diffusion, timesteps=timesteps,
                 step_noise=per_sample_noise(generators),

@@ -16,6 +16,7 @@ import torch
 
 from mdt import distributed
 from mdt.errors import UserError
+from mdt.precision import autocast_dtype, resolve_auto
 
 
 def _free_port() -> int:
@@ -37,12 +38,6 @@ def init_process_group() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(distributed.local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-
-
-def bf16_wanted(precision: str) -> bool:
-    if precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
 
 
 def resolve_deepspeed_config(path: str | Path, *, micro_batch: int, grad_accum: int, world_size: int,
@@ -76,14 +71,29 @@ def resolve_deepspeed_config(path: str | Path, *, micro_batch: int, grad_accum: 
             raise UserError(f"DeepSpeed config {path} sets {key}={given} but the run asks for {value}; "
                             f'set it to "auto" or change the flag')
         config[key] = value
-    bf16 = bf16_wanted(precision)
+    mode = resolve_auto(precision)
+    bf16 = mode == "bf16"
     given_bf16 = config.get("bf16", {}).get("enabled", "auto")
     if given_bf16 != "auto" and given_bf16 != bf16:
         raise UserError(f"DeepSpeed config {path} sets bf16.enabled={given_bf16} but --precision is {precision}; "
                         'set it to "auto"')
     config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
     if config.get("fp16", {}).get("enabled") is True:
-        raise UserError(f"DeepSpeed config {path} enables fp16; this trainer supports bf16 or fp32 only")
+        raise UserError(f"DeepSpeed config {path} enables fp16 weights; remove it and train with --precision "
+                        "amp-fp16 (fp16 autocast over fp32 weights) or bf16")
+    if "torch_autocast" in config:
+        raise UserError(f"DeepSpeed config {path} has a 'torch_autocast' section; remove it: --precision "
+                        "amp-bf16 or amp-fp16 sets it")
+    dtype = autocast_dtype(mode)
+    if dtype is not None:
+        if dtype == torch.float16 and grad_clip > 0:
+            # DeepSpeed 0.19's ZeRO optimizers clip before its GradScaler unscales: the norm they clip by is
+            # the loss-scaled one, so clipping would shrink every update by the loss scale.
+            raise UserError(f"--precision amp-fp16 with grad_clip={grad_clip:g}: DeepSpeed would clip the loss-scaled "
+                            "gradients; train amp-fp16 with grad_clip 0, or amp-bf16 with clipping")
+        # No module listed as lower-precision safe: gradients are reduced in fp32, as DDP does under torch.amp.
+        config["torch_autocast"] = {"enabled": True, "dtype": str(dtype).removeprefix("torch."),
+                                    "lower_precision_safe_modules": []}
     return config
 
 
@@ -126,6 +136,11 @@ class Engine:
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    def loss_scale(self) -> float | None:
+        """The GradScaler's scale under fp16 autocast (amp-fp16); None where no loss is scaled."""
+        scaler = getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
+        return None if scaler is None else float(scaler.get_scale())
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
