@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import REPO_ROOT, save_tiny_vae, write_image_tree
+from PIL import Image
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +70,23 @@ def encoded_flip(
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def pixel_latents(tmp_path_factory) -> Path:
+    """4 classes x 8 images of 16 px, encoded in pixel space at 8 px (3x8x8), 8 per shard."""
+    from mdt.data.encode import EncodeConfig, encode_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        folder = root / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(8):
+            base = np.zeros((16, 16, 3), np.int64)
+            base[..., c % 3] = 60 + 60 * c
+            pixels = np.clip(base + rng.integers(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    encode_dataset(EncodeConfig(input=str(root / "images"), output=str(root / "latents"), resolution=8,
+                                vae="pixel", shard_size=8, workers=0, progress=False))
+    return root / "latents"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,24 @@ def save_tiny_vae(directory: Path) -> Path:
     )
     vae.save_pretrained(directory)
     return directory
+
+
+# Training runs through the CLI (tests/test_train.py and the tests that train a tiny model).
+def train_args(data: Path, out: Path, model: str, steps: int, *extra: str, input_size: int | None = 8) -> list[str]:
+    """A short run; the presets are built for 32x32 latents, so the 8 px data's size is asked for."""
+    size = ["--set", f"model_options.input_size={input_size}"] if input_size else []
+    return ["train", "--data", str(data), "--model", model, "--out", str(out), "--steps", str(steps),
+            "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--num-workers", "0",
+            "--set", "ema_decay=0.9", *size, *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, metrics, train_args, train_losses
 from PIL import Image
-from test_train import metrics, train_args, train_losses
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, run_cli
-from PIL import Image
+import yaml
+from helpers import REPO_ROOT, assert_ok, metrics, run_cli, train_args, train_losses
 from safetensors.torch import load_file
 
 from mdt.errors import UserError
@@ -27,51 +27,11 @@ from mdt.train.schedules import lr_multiplier, unmask_ratio
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="session")
-def pixel_latents(tmp_path_factory) -> Path:
-    """4 classes x 8 images of 16 px, encoded in pixel space at 8 px (3x8x8), 8 per shard."""
-    from mdt.data.encode import EncodeConfig, encode_dataset
-
-    root = tmp_path_factory.mktemp("train-data")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(8):
-            base = np.zeros((16, 16, 3), np.int64)
-            base[..., c % 3] = 60 + 60 * c
-            pixels = np.clip(base + rng.integers(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    encode_dataset(EncodeConfig(input=str(root / "images"), output=str(root / "latents"), resolution=8,
-                                vae="pixel", shard_size=8, workers=0, progress=False))
-    return root / "latents"
-
-
-def train_args(data: Path, out: Path, model: str, steps: int, *extra: str, input_size: int | None = 8) -> list[str]:
-    """A short run; the presets are built for 32x32 latents, so the 8 px data's size is asked for."""
-    size = ["--set", f"model_options.input_size={input_size}"] if input_size else []
-    return ["train", "--data", str(data), "--model", model, "--out", str(out), "--steps", str(steps),
-            "--micro-batch", "4", "--lr", "1e-3", "--log-every", "1", "--num-workers", "0",
-            "--set", "ema_decay=0.9", *size, *extra]
-
-
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mdt.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **ENV})
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("stage, model", [(1, "DiT-T/2"), (2, "MDTv2-T/2"), (3, "MaskDiT-T/2")])
@@ -321,3 +281,26 @@ def test_bf16_training_computes_in_bf16_with_an_fp32_ema(pixel_latents, tmp_path
     assert all(t.dtype == torch.float32 for t in ema.values())
     assert np.all(losses["fp32"][1:] != losses["bf16"][1:]), losses
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+
+
+def test_an_old_run_resumes_with_its_recorded_settings_and_refuses_a_changed_recipe(pixel_latents, tmp_path):
+    """A run folder written before the optimizer section and the clip default of 0: its recorded
+    adam_betas, weight_decay and grad_clip 1.0 stay in force on resume, and a recipe whose lr differs
+    from the run's is refused in one sentence instead of changing the run."""
+    run = tmp_path / "run"
+    assert_ok(run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2, "--set", "grad_clip=1.0"), env=ENV, timeout=200))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    optimizer = config.pop("optimizer")
+    config.update(adam_betas=optimizer["betas"], weight_decay=0.01)
+    for key in ("ema_warmup", "init_ema"):
+        config.pop(key)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert_ok(run_cli("train", "--resume", str(run), "--steps", "3", env=ENV, timeout=200))
+    resumed = yaml.safe_load((run / "config.yaml").read_text())
+    assert resumed["grad_clip"] == 1.0
+    assert resumed["optimizer"] == {"name": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  lr: 5.0e-4\n")
+    refused = run_cli("train", "--config", str(recipe), "--resume", str(run), "--steps", "4", env=ENV, timeout=200)
+    assert refused.returncode == 2
+    assert "lr is 0.0005 but the run was trained with 0.001" in refused.stderr

@@ -10,11 +10,23 @@ from typing import Any
 import yaml
 
 from mdt.errors import UserError
+from mdt.precision import PRECISIONS
 from mdt.recipe import recipe_section
+from mdt.train.optimizer import OptimizerConfig
 
 LR_SCHEDULES = ("constant", "cosine")
 MASK_SCHEDULES = ("none", "zero", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16")
+INIT_EMA = ("ema", "weights")
+# Settings of runs made before the optimizer section, read as its keys (an old run resumes as it was).
+OLD_NAMES = {"adam_betas": "optimizer.betas", "weight_decay": "optimizer.weight_decay"}
+# ema_pytorch's warm-up (MaskDM): decay 0 (a copy) up to update_after_step, then
+# 1 - (1 + k / inv_gamma) ** -power at k steps after it, capped at ema_decay.
+EMA_WARMUP_KEYS = ("update_after_step", "inv_gamma", "power")
+# What a resume may change: how long, where and how the run is logged and executed, never what it computes.
+RESUME_CHANGEABLE = ("steps", "max_wall_seconds", "out", "data", "num_workers", "ckpt_every", "keep_last",
+                     "log_every", "val_every", "val_batches", "tensorboard", "compile", "activation_checkpointing",
+                     "deepspeed_config", "init_from")
+DEFAULT_BETAS = {"adamw": (0.9, 0.999), "adan": (0.98, 0.92, 0.99)}  # sail-sg/Adan's and MDTv2's betas
 
 
 @dataclass
@@ -38,13 +50,15 @@ class TrainConfig:
     micro_batch: int = 32
     grad_accum: int = 1
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # name (adamw | adan), betas (two for adamw, three for adan), eps, weight_decay; keys left out take
+    # the optimizer's defaults (mdt.train.optimizer.OptimizerConfig).
+    optimizer: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     min_lr: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0  # global gradient-norm clip; 0 = none (DiT, MDT, MaskDiT do not clip)
     ema_decay: float = 0.9999
+    ema_warmup: dict[str, Any] = field(default_factory=dict)  # EMA_WARMUP_KEYS; empty: constant decay
     ckpt_every: int = 1000
     keep_last: int = 2
     val_every: int = 0
@@ -57,6 +71,7 @@ class TrainConfig:
     precision: str = "auto"
     mask_schedule: str = "none"  # unmask tuning: "zero" or "cosine" decay of the mask ratio
     init_from: str | None = None
+    init_ema: str = "ema"  # with init_from: the EMA starts from its EMA, or from its online weights (MaskDM)
     tensorboard: bool = False
     compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
     activation_checkpointing: bool = False  # recompute block activations in backward (24-40 GB cards)
@@ -81,7 +96,11 @@ class TrainConfig:
             (self.log_every > 0, "log_every must be positive"),
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
             (self.mask_schedule in MASK_SCHEDULES, f"mask_schedule must be one of {MASK_SCHEDULES}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.grad_clip >= 0, "grad_clip must be 0 (no clipping) or a positive gradient norm"),
+            (self.init_ema in INIT_EMA, f"init_ema must be one of {', '.join(INIT_EMA)}"),
+            (set(self.ema_warmup) <= set(EMA_WARMUP_KEYS),
+             f"ema_warmup takes {', '.join(EMA_WARMUP_KEYS)}, not {', '.join(sorted(set(self.ema_warmup)))}"),
             (self.compile in (True, False, None), "compile must be true, false or auto"),
             (isinstance(self.activation_checkpointing, bool), "activation_checkpointing must be true or false"),
             (self.val_every == 0 or self.val_shards > 0,
@@ -90,11 +109,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"{message} (check the recipe's train: section and the command-line flags)")
+        # Defaults filled in, so the run's config.yaml records every value it trained with.
+        self.optimizer = {**dataclasses.asdict(self.optimizer_config()),
+                          "betas": list(self.optimizer_config().betas)}
+
+    def optimizer_config(self) -> OptimizerConfig:
+        unknown = set(self.optimizer) - {f.name for f in dataclasses.fields(OptimizerConfig)}
+        if unknown:
+            raise UserError(f"optimizer: has unknown setting(s) {', '.join(sorted(unknown))}; "
+                            "known: name, betas, eps, weight_decay")
+        name = self.optimizer.get("name", "adamw")
+        given = {**self.optimizer, "betas": tuple(self.optimizer.get("betas", DEFAULT_BETAS.get(name, ())))}
+        cfg = OptimizerConfig(**given)
+        cfg.validate()
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        return data
+        return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
         from mdt.fileio import atomic_path
@@ -125,6 +156,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) ->
     for key, value in overrides.items():
         if value is None:
             continue
+        key = OLD_NAMES.get(key, key)
         head, _, sub = key.partition(".")
         if head not in fields:
             raise UserError(f"unknown training setting '{key}' in {source}; known: {', '.join(sorted(fields))}")
@@ -136,14 +168,17 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) ->
         elif isinstance(current, str) or current is None:
             setattr(cfg, head, value)  # strings stay strings ("1e-4" as a path, say)
         else:
-            value = _parse(key, value)
-            setattr(cfg, head, tuple(value) if head == "adam_betas" else value)
+            setattr(cfg, head, _parse(key, value))
     return cfg
 
 
 def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
                    base: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- `base` (a saved run config, on resume) <- the recipe's train: section <- overrides."""
+    """Defaults <- `base` (a saved run config, on resume) <- the recipe's train: section <- overrides.
+
+    On resume a recipe or flag may change only RESUME_CHANGEABLE: a resumed run trains with the settings
+    it recorded, so a later edit of the recipe (or of mdt's defaults) never changes it silently.
+    """
     cfg = TrainConfig()
     if base:
         apply_overrides(cfg, base, "the run's config.yaml")
@@ -152,4 +187,17 @@ def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
         apply_overrides(cfg, section, str(recipe_path))
     apply_overrides(cfg, overrides, "the command line")
     cfg.validate()
+    if base:
+        _check_unchanged(cfg, base)
     return cfg
+
+
+def _check_unchanged(cfg: TrainConfig, base: dict[str, Any]) -> None:
+    recorded = apply_overrides(TrainConfig(), base, "the run's config.yaml")
+    recorded.validate()
+    before, after = recorded.to_dict(), cfg.to_dict()
+    for key, value in after.items():
+        if key not in RESUME_CHANGEABLE and value != before[key]:
+            raise UserError(f"--resume {cfg.out}: {key} is {value} but the run was trained with {before[key]}; a "
+                            f"resumed run keeps its recorded settings (only {', '.join(RESUME_CHANGEABLE)} may "
+                            f"change): drop the new value, or start a new run with --init-from {cfg.out}")
