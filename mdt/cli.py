@@ -15,6 +15,7 @@ import typer
 
 from mdt.cli_checkpoints import export_command, import_command
 from mdt.cli_eval import fid_command, fid_ref_command
+from mdt.cli_recipe import recipe_command
 from mdt.distributed import print0
 from mdt.errors import UserError
 
@@ -81,13 +82,13 @@ def train_command(
                                            "training time reached this many seconds; 0: no budget"),
     micro_batch: int = typer.Option(None, help="samples per rank per micro-step"),
     grad_accum: int = typer.Option(None, help="micro-steps per optimizer step"),
-    lr: float = typer.Option(None, help="peak learning rate (AdamW)"),
+    lr: float = typer.Option(None, help="peak learning rate"),
     ckpt_every: int = typer.Option(None, help="checkpoint every K steps"),
     val_every: int = typer.Option(None, help="validation loss every K steps (needs val_shards)"),
     val_shards: int = typer.Option(None, help="hold out the last N shards for validation"),
     log_every: int = typer.Option(None, help="log every K steps"),
     seed: int = typer.Option(None, help="seed of weights, data order and noise"),
-    precision: str = typer.Option(None, help="auto | fp32 | bf16"),
+    precision: str = typer.Option(None, help="fp32 | tf32 | amp-bf16 | amp-fp16 | bf16 | auto (mdt.precision)"),
     num_workers: int = typer.Option(None, help="data loader workers per rank"),
     resume: str = typer.Option(None, help="continue the run in this folder from its latest checkpoint"),
     init_from: str = typer.Option(None, help="start from a run/checkpoint/export's weights (unmask tuning)"),
@@ -143,7 +144,7 @@ def encode_command(
     config: Path = typer.Option(None, help=RECIPE_HELP + " (encode:)"),
     resolution: int = typer.Option(256, help="Image side after the ADM center crop; a multiple of 8."),
     vae: str = typer.Option(
-        "stabilityai/sd-vae-ft-ema", help="Hub id, local diffusers folder, .safetensors file, or 'pixel'."
+        "stabilityai/sd-vae-ft-ema", help="Hub id, local diffusers folder, .safetensors or LDM .pth file (MaskDiT's autoencoder_kl.pth), or 'pixel'."
     ),
     vae_config: str | None = typer.Option(
         None, help="Folder with the config.json for a single .safetensors --vae (default: the file's folder)."
@@ -224,7 +225,7 @@ def sample_command(
     seed: int = typer.Option(0, help="Sample i depends only on (seed, i)."),
     batch_size: int = typer.Option(32, help="Samples per forward pass on each process."),
     vae: str | None = typer.Option(None, help="Override the VAE recorded in the checkpoint's data manifest."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 autocast for the model."),
+    precision: str = typer.Option("fp32", help="fp32 | tf32 | amp-bf16 | amp-fp16 (bf16 = amp-bf16 here)"),
     device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
                                  "yes, on the CPU no)"),
@@ -340,6 +341,7 @@ def plot_command(
     typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
 
 
+app.command("recipe")(recipe_command)
 app.command("fid")(fid_command)
 app.command("fid-ref")(fid_ref_command)
 app.command("import")(import_command)
