@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from mdt.cli_checkpoints import export_command, import_command
+from mdt.cli_common import RECIPE_HELP, require, with_recipe
 from mdt.cli_eval import fid_command, fid_ref_command
 from mdt.cli_recipe import recipe_command
 from mdt.distributed import print0
@@ -30,30 +31,6 @@ def root(
     local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """mdt: train and sample masked latent diffusion transformers (MDT, MDTv2, MaskDiT, DiT)."""
-
-
-def _given(ctx: typer.Context) -> set[str]:
-    """The options the user typed (a recipe fills in only the others)."""
-    # By name: typer may carry its own copy of click, whose enum is not click.core's.
-    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
-    return {name for name, source in sources.items()
-            if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
-
-
-def _with_recipe(ctx: typer.Context, config: Path | None, section: str) -> dict:
-    """This command's options, with the recipe's `section:` filling every one the user did not type."""
-    from mdt.recipe import merge_section
-
-
-    return merge_section(config, section, {k: v for k, v in ctx.params.items() if k != "config"}, _given(ctx))
-
-
-def _require(values: dict, name: str, flag: str, what: str) -> None:
-    if values.get(name) in (None, ""):
-        raise UserError(f"no {what} given; pass {flag} or set {name}: in the recipe's section")
-
-
-RECIPE_HELP = "recipe YAML (pipelines/*.yaml); flags override its section for this command"
 
 
 @app.command("models")
@@ -101,7 +78,7 @@ def train_command(
 ) -> None:
     """Train a model on latent shards with DeepSpeed (single process, torchrun or the deepspeed launcher)."""
     from mdt.train import TrainingError, resolve_config, train
-    from mdt.train.loop import load_run_config
+    from mdt.train.run_dir import load_run_config
 
     overrides = dict(data=data, model=model, out=out, deepspeed_config=deepspeed_config, steps=steps,
                      max_wall_seconds=max_wall_seconds, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
@@ -164,9 +141,9 @@ def encode_command(
     """Encode images into WebDataset shards of VAE latents (resumable; run under torchrun for many GPUs)."""
     from mdt.data.encode import EncodeConfig, encode_dataset
 
-    values = _with_recipe(ctx, config, "encode")
-    _require(values, "input", "INPUT", "input images")
-    _require(values, "out", "OUT", "output folder")
+    values = with_recipe(ctx, config, "encode")
+    require(values, "input", "INPUT", "input images")
+    require(values, "out", "OUT", "output folder")
     values["input"], values["output"] = str(values["input"]), str(values.pop("out"))
     encode_dataset(EncodeConfig(**values))
 
@@ -234,9 +211,9 @@ def sample_command(
     from mdt.sample.guidance import GuidanceConfig
     from mdt.sample.run import SampleConfig, run_sampling
 
-    v = _with_recipe(ctx, config, "sample")
-    _require(v, "ckpt", "--ckpt", "checkpoint")
-    _require(v, "out", "--out", "output folder")
+    v = with_recipe(ctx, config, "sample")
+    require(v, "ckpt", "--ckpt", "checkpoint")
+    require(v, "out", "--out", "output folder")
     if v["cfg_schedule"] not in ("constant", "power-cosine"):
         raise UserError(f"--cfg-schedule {v['cfg_schedule']!r} is unknown; choose constant or power-cosine.")
     guidance = GuidanceConfig(scale=float(v["cfg_scale"]), schedule=v["cfg_schedule"], power=float(v["cfg_power"]),
@@ -271,8 +248,8 @@ def shapes_command(
     """Draw the built-in class-conditional dataset (coloured shapes): data for the demo, no download."""
     from mdt.data.shapes import SHAPE_CLASSES, ShapesConfig, write_shapes_dataset
 
-    v = _with_recipe(ctx, config, "shapes")
-    _require(v, "out", "OUT", "output folder")
+    v = with_recipe(ctx, config, "shapes")
+    require(v, "out", "OUT", "output folder")
     counts = write_shapes_dataset(ShapesConfig(out=Path(v["out"]), size=v["size"], seed=v["seed"],
                                                train_per_class=v["train_per_class"],
                                                val_per_class=v["val_per_class"]))

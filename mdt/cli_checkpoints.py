@@ -21,9 +21,9 @@ def import_command(
     trust_pickle: bool = typer.Option(False, help="Allow full unpickling (runs code from the file): trusted files only."),
 ) -> None:
     """Import an official or diffusers checkpoint as an mdt export (sample with it, or --init-from it)."""
+    from mdt.checkpoints.import_diffusion import describe
+    from mdt.checkpoints.importing import import_checkpoint
     from mdt.diffusion.edm import EDMConfig
-    from mdt.models.import_diffusion import describe
-    from mdt.models.importing import import_checkpoint
     from mdt.sample.checkpoint import read_checkpoint
 
     config = import_checkpoint(src, out, model=model, sets=set_, input_size=input_size, num_classes=num_classes,
@@ -43,7 +43,7 @@ def export_command(
     vae: str | None = typer.Option(None, help="VAE to put in the pipeline; default the one the run's data used."),
 ) -> None:
     """Export a DiT as a diffusers DiTPipeline folder (transformer, scheduler, VAE)."""
-    from mdt.models.diffusers_export import export_diffusers_pipeline
+    from mdt.checkpoints.diffusers_export import export_diffusers_pipeline
 
     if format != "diffusers":
         raise UserError(f"--format {format!r} is unknown; mdt export writes 'diffusers'")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from mdt.cli_common import require, with_recipe
 from mdt.distributed import print0
 from mdt.errors import UserError
 
@@ -41,14 +42,13 @@ def fid_command(
     ),
 ) -> None:
     """FID, sFID, IS, precision/recall and KID of samples against a reference (torchrun splits the features)."""
-    from mdt.cli import _require, _with_recipe
     from mdt.eval.fid import FeatureOptions, default_metrics_path, evaluate
     from mdt.eval.network import locate_inception
     from mdt.fileio import merge_json
 
-    v = _with_recipe(ctx, config, "fid")
-    _require(v, "samples", "--samples", "samples")
-    _require(v, "ref", "--ref", "reference")
+    v = with_recipe(ctx, config, "fid")
+    require(v, "samples", "--samples", "samples")
+    require(v, "ref", "--ref", "reference")
     samples, ref = Path(v["samples"]), Path(v["ref"])
     out = Path(v["out"]) if v["out"] else None
     inception = Path(v["inception"]) if v["inception"] else None

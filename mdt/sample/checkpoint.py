@@ -15,10 +15,10 @@ from typing import Any
 from mdt.diffusion.process import DiffusionConfig, diffusion_from_dict
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
+from mdt.models.io import CONFIG as MODEL_CONFIG
+from mdt.models.io import WEIGHTS as MODEL_FILE
 from mdt.models.io import check_format
 
-MODEL_FILE = "model.safetensors"
-MODEL_CONFIG = "model_config.json"
 DIFFUSION_FILE = "diffusion.json"
 MANIFEST_FILE = "data_manifest.json"
 

@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mdt.checkpoints.import_diffusion import diffusers_schedule, imported_diffusion
+from mdt.checkpoints.official import read_official, to_mdt_state_dict
 from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.models.config import ModelConfig
-from mdt.models.import_diffusion import diffusers_schedule, imported_diffusion
 from mdt.models.io import save_pretrained
-from mdt.models.official import read_official, to_mdt_state_dict
 from mdt.models.registry import FAMILY_NAMES, model_config
 from mdt.models.registry import build_model as build_family_model
 from mdt.models.transformer import DiffusionTransformer

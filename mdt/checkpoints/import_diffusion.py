@@ -25,7 +25,7 @@ from mdt.errors import UserError
 
 _DIT_DDPM = {"formulation": "ddpm", "num_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
              "beta_end": 0.02, "prediction_type": "epsilon"}
-# By official format (mdt.models.official.FORMATS); "uvit" is MaskDM.
+# By official format (mdt.checkpoints.official.FORMATS); "uvit" is MaskDM.
 OFFICIAL_DIFFUSION: dict[str, dict[str, Any]] = {
     "dit": _DIT_DDPM, "mdt": _DIT_DDPM, "mdtv2": _DIT_DDPM,
     "maskdit": {"formulation": "edm", "sigma_data": 0.5, "p_mean": -1.2, "p_std": 1.2, "sigma_min": 0.002,

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mdt.checkpoints import official_uvit
 from mdt.errors import UserError
-from mdt.models import official_uvit
 from mdt.models.relative_position import RelativePositionBias
 
-FORMATS = ("dit", "mdt", "mdtv2", "maskdit", "uvit")  # uvit: MaskDM (mdt.models.official_uvit)  # official formats by the mdt family they map to
+FORMATS = ("dit", "mdt", "mdtv2", "maskdit", "uvit")  # uvit: MaskDM (mdt.checkpoints.official_uvit)  # official formats by the mdt family they map to
 _REL_TABLE = ".attn.rel_pos_bias.relative_position_bias_table"
 _REL_INDEX = ".attn.rel_pos_bias.relative_position_index"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers

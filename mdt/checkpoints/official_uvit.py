@@ -18,8 +18,8 @@ import re
 import torch
 from torch import Tensor
 
+from mdt.checkpoints.import_diffusion import schedule_of_betas
 from mdt.errors import UserError
-from mdt.models.import_diffusion import schedule_of_betas
 
 _SCHEDULE_BUFFERS = {
     "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
