@@ -11,21 +11,30 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from helpers import REPO_ROOT, run_cli, save_tiny_vae, write_image_tree
+from helpers import (
+    ONE_THREAD,
+    REPO_ROOT,
+    child_env,
+    python_command,
+    run_cli,
+    run_python,
+    save_tiny_vae,
+    write_image_tree,
+)
 from PIL import Image
 from sample_helpers import make_export
 
 from mdt.locking import exclusive_folder
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as ENV: float kernels split work by thread count; compare like with like
+pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
+
+ENV = {**ONE_THREAD, "PYTHONUNBUFFERED": "1"}  # on top of helpers.child_env
 WAIT_S = 300  # the bound on every wait for an event: generous, since CI machines are slow
 
 # Runs `mdt` and records the exit status each rank's main() ends with (torchrun does not say it
@@ -47,16 +56,16 @@ except SystemExit as done:
 # space left on device" there, MDT_SAVE_FAULT=STEP:kill dies by SIGKILL in the middle of the save.
 SAVE_FAULT = """
 import errno, os, signal, sys
-import mdt.train.loop as loop
+import mdt.train.checkpointer as checkpointer
 step, kind = os.environ["MDT_SAVE_FAULT"].split(":")
-real = loop.write_export
+real = checkpointer.write_export
 def write_export(directory, *args, **kwargs):
     if f"step_{int(step):08d}" in str(directory):
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
     return real(directory, *args, **kwargs)
-loop.write_export = write_export
+checkpointer.write_export = write_export
 from mdt.cli import main
 sys.argv = ["mdt", *sys.argv[1:]]
 main()
@@ -89,10 +98,9 @@ def train_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
 def launch(script: Path, args: list[str], *, nproc: int, exits: Path) -> subprocess.Popen:
     """Start `mdt ARGS` through `script` (one process, or torchrun's ranks) in a new process group."""
     exits.mkdir(parents=True, exist_ok=True)
-    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
-    return subprocess.Popen([*head, str(script), *args], cwd=REPO_ROOT, env={**ENV, "MDT_EXIT_DIR": str(exits)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(python_command(str(script), *args, nproc=nproc), cwd=REPO_ROOT,
+                            env=child_env({**ENV, "MDT_EXIT_DIR": str(exits)}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +108,6 @@ def record_exit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script = tmp_path_factory.mktemp("scripts") / "record_exit.py"
     script.write_text(RECORD_EXIT)
     return script
-
-
-def run_script(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=WAIT_S)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -130,9 +133,8 @@ def latest(run: Path) -> dict:
 def straight_losses(latents: Path, root: Path, steps: int) -> dict[int, float]:
     run = root / f"straight-{steps}"
     if not run.exists():
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "mdt.cli", *train_args(latents, run, steps, "--num-workers", "2")],
-                                cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=WAIT_S)
+        result = run_cli(*train_args(latents, run, steps, "--num-workers", "2"), nproc=2, env=ENV,
+                         timeout=WAIT_S)
         assert result.returncode == 0, result.stderr[-3000:]
     return losses(run)
 
@@ -157,15 +159,14 @@ def test_sigterm_under_torchrun_checkpoints_the_reached_step_and_resumes_exactly
     stdout, stderr = proc.communicate(timeout=WAIT_S)
     assert {p.name: p.read_text() for p in exits.iterdir()} == {"rank0": "143", "rank1": "143"}, stderr[-3000:]
     reached = max(losses(run))
-    assert latest(run)["step"] == reached and reached < 100000
+    assert latest(run)["step"] == reached
+    assert reached < 100000
     assert "stopped by SIGTERM at step" in stdout
 
     # Resumed with another worker count: the stream does not depend on it.
     target = reached + 3
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "mdt.cli", "train", "--resume", str(run), "--steps", str(target),
-                             "--num-workers", "0"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=WAIT_S)
+    result = run_cli("train", "--resume", str(run), "--steps", str(target), "--num-workers", "0",
+                     nproc=2, env=ENV, timeout=WAIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     straight = straight_losses(latents, root, max(target, 40))
     assert losses(run) == {s: straight[s] for s in range(1, target + 1)}
@@ -175,36 +176,47 @@ def test_checkpoint_failures_leave_a_resumable_run(latents: Path, tmp_path: Path
     run = tmp_path / "run"
     every = ("--ckpt-every", "2", "--num-workers", "0")
     # Killed in the middle of the save at step 4: step 2 stays in charge.
-    crashed = run_script(SAVE_FAULT, train_args(latents, run, 6, *every), {"MDT_SAVE_FAULT": "4:kill"})
-    assert crashed.returncode == -signal.SIGKILL and latest(run)["step"] == 2
+    crashed = run_python("-c", SAVE_FAULT, *train_args(latents, run, 6, *every),
+                         env={**ENV, "MDT_SAVE_FAULT": "4:kill"}, timeout=WAIT_S)
+    assert crashed.returncode == -signal.SIGKILL
+    assert latest(run)["step"] == 2
     resumed = run_cli("train", "--resume", str(run), "--steps", "6", timeout=WAIT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step_00000004 has no files.json" in resumed.stdout and "resuming from step_00000002" in resumed.stdout
-    assert latest(run)["step"] == 6 and sorted(losses(run)) == list(range(1, 7))
+    assert "step_00000004 has no files.json" in resumed.stdout
+    assert "resuming from step_00000002" in resumed.stdout
+    assert latest(run)["step"] == 6
+    assert sorted(losses(run)) == list(range(1, 7))
 
     # The disk fills up at step 8: one sentence, exit 3, step 6 stays in charge, nothing partial kept.
-    full = run_script(SAVE_FAULT, ["train", "--resume", str(run), "--steps", "10"], {"MDT_SAVE_FAULT": "8:enospc"})
+    full = run_python("-c", SAVE_FAULT, "train", "--resume", str(run), "--steps", "10",
+                      env={**ENV, "MDT_SAVE_FAULT": "8:enospc"}, timeout=WAIT_S)
     assert full.returncode == 3, full.stderr[-3000:]
-    assert "writing checkpoint step_00000008" in full.stderr and "No space left on device" in full.stderr
+    assert "writing checkpoint step_00000008" in full.stderr
+    assert "No space left on device" in full.stderr
     assert "the checkpoint step_00000006 stays in charge" in full.stderr
-    assert latest(run)["step"] == 6 and not (run / "checkpoints" / "step_00000008").exists()
+    assert latest(run)["step"] == 6
+    assert not (run / "checkpoints" / "step_00000008").exists()
 
     # A file of the newest checkpoint is cut short later: resume falls back to the one before.
     shard = max((run / "checkpoints" / "step_00000006").rglob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])
     fallback = run_cli("train", "--resume", str(run), "--steps", "7", timeout=WAIT_S)
     assert fallback.returncode == 0, fallback.stderr[-3000:]
-    assert f"{shard} holds 100 of its" in fallback.stdout and "resuming from step_00000004" in fallback.stdout
+    assert f"{shard} holds 100 of its" in fallback.stdout
+    assert "resuming from step_00000004" in fallback.stdout
     assert latest(run)["step"] == 7
 
     # The stream settings cannot change on resume; every checkpoint cut: refused, naming the file.
     changed = run_cli("train", "--resume", str(run), "--steps", "9", "--micro-batch", "2", timeout=WAIT_S)
-    assert changed.returncode == 2 and "micro_batch is 2 but the run was trained with 4" in changed.stderr
+    assert changed.returncode == 2
+    assert "micro_batch is 2 but the run was trained with 4" in changed.stderr
     for folder in (run / "checkpoints").glob("step_*"):
         (folder / "ema" / "model.safetensors").unlink()
     refused = run_cli("train", "--resume", str(run), "--steps", "9", timeout=WAIT_S)
-    assert refused.returncode == 2 and "no checkpoint is whole" in refused.stderr
-    assert "model.safetensors is missing" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2
+    assert "no checkpoint is whole" in refused.stderr
+    assert "model.safetensors is missing" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 HOLD_LOCK = """
@@ -223,17 +235,21 @@ def test_one_writer_per_folder(latents: Path, tmp_path: Path) -> None:
     with exclusive_folder(run, "--out"), exclusive_folder(samples, "--out"), exclusive_folder(encoded, "OUT"):
         mine = f"pid {os.getpid()}"
         train = run_cli(*train_args(latents, run, 2, "--num-workers", "0"), timeout=WAIT_S)
-        assert train.returncode == 2 and f"--out {run} is in use by {mine}" in train.stderr, train.stderr
+        assert train.returncode == 2, train.stderr
+        assert f"--out {run} is in use by {mine}" in train.stderr, train.stderr
         sample = run_cli("sample", "--ckpt", str(tmp_path / "export"), "--out", str(samples), "--num-samples", "2",
                          "--steps", "2", timeout=WAIT_S)
-        assert sample.returncode == 2 and f"--out {samples} is in use by {mine}" in sample.stderr, sample.stderr
+        assert sample.returncode == 2, sample.stderr
+        assert f"--out {samples} is in use by {mine}" in sample.stderr, sample.stderr
         encode = run_cli("encode", str(write_image_tree(tmp_path / "images")), str(encoded), "--vae", "pixel",
                          "--resolution", "16", timeout=WAIT_S)
-        assert encode.returncode == 2 and f"OUT {encoded} is in use by {mine}" in encode.stderr, encode.stderr
-    assert not (run / "checkpoints").exists() and not list(samples.glob("*.png"))
+        assert encode.returncode == 2, encode.stderr
+        assert f"OUT {encoded} is in use by {mine}" in encode.stderr, encode.stderr
+    assert not (run / "checkpoints").exists()
+    assert not list(samples.glob("*.png"))
 
     # A holder killed by SIGKILL leaves no lock behind.
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO_ROOT, env=ENV,
+    holder = subprocess.Popen(python_command("-c", HOLD_LOCK, str(run)), cwd=REPO_ROOT, env=child_env(ENV),
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "holding"
     holder.kill()
@@ -251,8 +267,10 @@ def test_group_sigterm_to_encode_and_sample_leaves_folders_a_rerun_completes(
     wait_for(lambda: len(list(out.glob("shard-*.tar"))) >= 2, proc, "two finished shards")
     os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=WAIT_S)
-    assert proc.returncode == 143 and (tmp_path / "encode-exit" / "rank0").read_text() == "143", stderr[-3000:]
-    assert not list(out.glob(".*.tmp")) and not (out / "manifest.json").exists()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert (tmp_path / "encode-exit" / "rank0").read_text() == "143", stderr[-3000:]
+    assert not list(out.glob(".*.tmp"))
+    assert not (out / "manifest.json").exists()
     assert run_cli(*encode, str(out), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     assert run_cli(*encode, str(reference), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     for shard in reference.glob("shard-*.tar"):
@@ -268,10 +286,14 @@ def test_group_sigterm_to_encode_and_sample_leaves_folders_a_rerun_completes(
     wait_for(lambda: len(list(samples.glob("[0-9]*.png"))) >= 2, proc, "two finished samples")
     os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=WAIT_S)
-    assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr, stderr[-3000:]
     kept = sorted(p.name for p in samples.glob("[0-9]*.png"))
-    assert 2 <= len(kept) < 48 and not list(samples.glob(".*.tmp")) and not (samples / "samples.npz").exists()
+    assert 2 <= len(kept) < 48
+    assert not list(samples.glob(".*.tmp"))
+    assert not (samples / "samples.npz").exists()
     assert run_cli(*sample, "--out", str(samples), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     assert run_cli(*sample, "--out", str(straight), timeout=WAIT_S, env=ONE_THREAD).returncode == 0
     pngs = sorted(p.name for p in straight.glob("[0-9]*.png"))
-    assert len(pngs) == 48 and all((samples / n).read_bytes() == (straight / n).read_bytes() for n in pngs)
+    assert len(pngs) == 48
+    assert all((samples / n).read_bytes() == (straight / n).read_bytes() for n in pngs)

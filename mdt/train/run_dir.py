@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mdt.errors import UserError
@@ -132,6 +133,21 @@ class RunDir:
         tags = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir() and int(p.name[5:]) <= latest[1])
         for path in tags[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def load_run_config(run: Path) -> dict:
+    """The resolved settings a run was started with (RUN/config.yaml)."""
+    path = RunDir(run).config
+    if not path.is_file():
+        raise UserError(f"--resume {run}: {path} does not exist; is this a run folder written by mdt train?")
+    return yaml.safe_load(path.read_text())
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record of a run or export folder (e.g. data_manifest.json), which must be there."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; the folder is not a complete mdt run or export")
+    return json.loads(path.read_text())
 
 
 def write_export(directory: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor],
