@@ -20,7 +20,8 @@ from mdt.cli_recipe import recipe_command
 from mdt.distributed import print0
 from mdt.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120},  # option help beside the flag, not in a narrow column
                   help=__doc__.splitlines()[0])
 
 
@@ -47,6 +48,7 @@ def models_command() -> None:
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     data: str = typer.Option(None, help="latent dataset folder written by `mdt encode`"),
     model: str = typer.Option(None, help="model preset, e.g. MDTv2-XL/2 (see `mdt models`)"),
     out: str = typer.Option(None, help="run folder to create"),
@@ -73,6 +75,7 @@ def train_command(
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
                                  "yes, on the CPU no)"),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="show a progress bar (rank 0)"),
     set_: list[str] = typer.Option([], "--set", help="any other setting, key=value (e.g. objective.mask_ratio=0.4)"),
     local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
@@ -80,11 +83,8 @@ def train_command(
     from mdt.train import TrainingError, resolve_config, train
     from mdt.train.run_dir import load_run_config
 
-    overrides = dict(data=data, model=model, out=out, deepspeed_config=deepspeed_config, steps=steps,
-                     max_wall_seconds=max_wall_seconds, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-                     ckpt_every=ckpt_every, val_every=val_every, val_shards=val_shards, log_every=log_every,
-                     seed=seed, precision=precision, num_workers=num_workers, init_from=init_from,
-                     mask_schedule=mask_schedule, tensorboard=tensorboard, compile=compile)
+    # Every option but these is a TrainConfig field of the same name; None: not given on the command line.
+    overrides = {k: v for k, v in ctx.params.items() if k not in ("config", "deepspeed", "resume", "set_", "local_rank")}
     for item in set_:
         key, sep, value = item.partition("=")
         if not sep:

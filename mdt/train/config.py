@@ -25,7 +25,7 @@ EMA_WARMUP_KEYS = ("update_after_step", "inv_gamma", "power")
 # What a resume may change: how long, where and how the run is logged and executed, never what it computes.
 RESUME_CHANGEABLE = ("steps", "max_wall_seconds", "out", "data", "num_workers", "ckpt_every", "keep_last",
                      "log_every", "val_every", "val_batches", "tensorboard", "compile", "activation_checkpointing",
-                     "deepspeed_config", "init_from")
+                     "deepspeed_config", "init_from", "progress")
 DEFAULT_BETAS = {"adamw": (0.9, 0.999), "adan": (0.98, 0.92, 0.99)}  # sail-sg/Adan's and MDTv2's betas
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     tensorboard: bool = False
     compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
     activation_checkpointing: bool = False  # recompute block activations in backward (24-40 GB cards)
+    progress: bool = True  # a progress bar on rank 0
 
     def validate(self) -> None:
         if isinstance(self.compile, str):  # `--set compile=true`, or `compile: auto` in a recipe

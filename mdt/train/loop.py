@@ -271,7 +271,7 @@ def _train_steps(cfg: TrainConfig, run: RunDir, parts: Parts, checkpointer: Chec
                            f"max_wall_seconds={budget:g} at step {start_step}; nothing to train (raise "
                            f"--max-wall-seconds to go on)")
     step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not distributed.is_main(), desc="train", unit="step",
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and distributed.is_main()), desc="train", unit="step",
                dynamic_ncols=True)
     try:
         while step < cfg.steps and not reached_budget:
