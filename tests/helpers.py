@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +66,74 @@ def write_image_tree(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def run_cli(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+# Every test that starts a process goes through these: `python ARGS` (or torchrun's ranks) with this
+# checkout on PYTHONPATH, output captured as text, a bound on the wait.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # float kernels split work by thread count; compare like with like
+
+
+def child_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """os.environ with this checkout on PYTHONPATH, updated by `env`; a None value removes the variable."""
+    full = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return {key: value for key, value in full.items() if value is not None}
+
+
+def python_command(*args: str, nproc: int = 1, torchrun: Sequence[str] = ()) -> list[str]:
+    """`python ARGS`; with `nproc` > 1, `torchrun --standalone --nproc_per_node NPROC ARGS`; with `torchrun`
+    (the launcher's own options, e.g. --nnodes/--node_rank), `torchrun TORCHRUN ARGS`."""
+    if nproc > 1:
+        torchrun = ["--standalone", "--nproc_per_node", str(nproc), *torchrun]
+    launcher = [sys.executable, "-m", "torch.distributed.run", *torchrun] if torchrun else [sys.executable]
+    return [*launcher, *args]
+
+
+def run_command(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 120,
+    cwd: Path | str = REPO_ROOT,
 ) -> subprocess.CompletedProcess:
-    """`python -m mdt.cli ARGS` in a fresh process with this checkout on the path."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mdt.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=REPO_ROOT,
-    )
+    """`command` run to its end in a fresh process (environment: `child_env(env)`), output captured as text."""
+    return subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, env=child_env(env),
+                          cwd=cwd)
+
+
+def run_python(
+    *args: str,
+    nproc: int = 1,
+    torchrun: Sequence[str] = (),
+    env: Mapping[str, str | None] | None = None,
+    timeout: float = 120,
+    cwd: Path | str = REPO_ROOT,
+) -> subprocess.CompletedProcess:
+    """`python ARGS` (a script, `-m module`, `-c code`), or under torchrun (see python_command)."""
+    command = python_command(*args, nproc=nproc, torchrun=torchrun)
+    return run_command(command, env=env, timeout=timeout, cwd=cwd)
+
+
+def run_cli(*args: str, **options) -> subprocess.CompletedProcess:
+    """`python -m mdt.cli ARGS` in a fresh process; `options` as run_python's (nproc, env, timeout, cwd)."""
+    return run_python("-m", "mdt.cli", *args, **options)
+
+
+def read_samples(data_dir: Path) -> list[dict]:
+    """Every sample stored in an encoded latent folder, decoded, in shard order."""
+    from mdt.data.manifest import read_manifest
+    from mdt.data.shard_format import decode_label, decode_moments, decode_source, iter_tar_samples
+
+    samples = []
+    for shard in read_manifest(data_dir).shards:
+        for raw in iter_tar_samples(data_dir / shard.name):
+            samples.append(
+                {
+                    "key": raw.key,
+                    "shard": shard.name,
+                    "moments": decode_moments(raw.fields["moments.npy"]),
+                    "label": decode_label(raw.fields["cls"]),
+                    "source": decode_source(raw.fields["json"]),
+                }
+            )
+    return samples
 
 
 def save_tiny_vae(directory: Path) -> Path:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers import ONE_THREAD
 from model_helpers import randomize
 from torch import nn
 
@@ -16,9 +14,11 @@ from mdt.diffusion.schedule import ScheduleConfig
 from mdt.fileio import write_json
 from mdt.models import create_model, save_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 CLASS_NAMES = [f"class-{k}" for k in range(NUM_CLASSES)]
+# helpers.run_cli options for `mdt sample`/`mdt fid`: one thread (rank counts and reruns compare equal),
+# a long bound.
+SAMPLING_RUN = {"env": ONE_THREAD, "timeout": 300}
 
 
 def make_export(
@@ -90,14 +90,3 @@ def write_stand_in_inception(path: Path, *, seed: int = 0, head: bool = False) -
     module = _StandInWithHead(seed) if head else _StandInInception(seed)
     torch.jit.save(torch.jit.script(module), str(path))
     return path
-
-
-def run_cli(*args: str, nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m mdt.cli ARGS` (or under torchrun with `nproc` processes), from this worktree."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", "-m", "mdt.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "mdt.cli", *args]
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)

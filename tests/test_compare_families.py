@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, run_cli
+from helpers import ONE_THREAD, REPO_ROOT, run_cli, run_python
+
+pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
 
 TOOL = REPO_ROOT / "tools" / "compare_families.py"
 FAMILIES = ["DiT", "MDTv2", "MaskDiT"]
 
 
 def compare(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    return run_python(str(TOOL), *args, env=ONE_THREAD, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +45,22 @@ def test_three_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_
     assert [json.loads(line) for line in result.stdout.splitlines()] == lines  # printed as written
     points = [r for r in lines if "summary" not in r]
     summaries = {r["family"]: r for r in lines if r.get("summary")}
-    assert sorted(summaries) == sorted(FAMILIES) and sorted(r["family"] for r in points) == sorted(FAMILIES)
+    assert sorted(summaries) == sorted(FAMILIES)
+    assert sorted(r["family"] for r in points) == sorted(FAMILIES)
     for record in points:
         summary = summaries[record["family"]]
         assert record["model"] == summary["model"] == f"{record['family']}-T/2"
         assert all(math.isfinite(record[k]) and record[k] > 0 for k in ("val_loss", "fid", "wall_time_s"))
-        assert record["wall_time_s"] >= 2.0 and 0 < record["step"] == summary["steps"]  # stopped by the budget
+        assert record["wall_time_s"] >= 2.0
+        assert 0 < record["step"] == summary["steps"]  # stopped by the budget
         assert (summary["fid"], summary["final_val_loss"]) == (record["fid"], record["val_loss"])
-        assert math.isfinite(summary["images_per_s"]) and summary["images_per_s"] > 0
+        assert math.isfinite(summary["images_per_s"])
+        assert summary["images_per_s"] > 0
     assert summaries["MaskDiT"]["sampler"].startswith("--sampler edm-heun")
     assert summaries["DiT"]["sampler"].startswith("--sampler ddim")
     config = (tmp_path / "work" / "MDTv2" / "run" / "config.yaml").read_text()
-    assert "mask_ratio: 0.3" in config and "max_wall_seconds: 2.0" in config  # the paper recipe's objective
+    assert "mask_ratio: 0.3" in config
+    assert "max_wall_seconds: 2.0" in config  # the paper recipe's objective
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
@@ -69,5 +72,8 @@ def test_three_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "results.jsonl"
     result = compare(*args, "--out", str(out), timeout=60)
-    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not out.exists() and not (tmp_path / "work").exists()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert not (tmp_path / "work").exists()

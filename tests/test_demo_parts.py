@@ -25,7 +25,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_shapes_layout_is_deterministic_and_resumable(shapes: Path, tmp_path: Path) -> None:
     train = read_image_folder(shapes / "train")
-    assert train.class_names == list(SHAPE_CLASSES) and train.images.shape == (360, 16, 16, 3)
+    assert train.class_names == list(SHAPE_CLASSES)
+    assert train.images.shape == (360, 16, 16, 3)
     assert np.bincount(train.labels).tolist() == [60] * 6
     # Another run with fewer images per class draws the same first images; a missing one is redrawn.
     again = tmp_path / "again"
@@ -58,7 +59,8 @@ def test_classifier_tells_the_classes_apart_and_scores_samples(shapes: Path, tmp
     val = read_image_folder(shapes / "val")
     # Real held-out images stand in for perfect samples; shuffled labels for samples of the wrong class.
     good = score_samples(tmp_path / "cls", _as_samples(tmp_path / "good", val.images, val.labels, val.class_names))
-    assert good["class_accuracy"] >= 0.9 and set(good["class_accuracy_per_class"]) == set(SHAPE_CLASSES)
+    assert good["class_accuracy"] >= 0.9
+    assert set(good["class_accuracy_per_class"]) == set(SHAPE_CLASSES)
     wrong = (val.labels + 1) % len(SHAPE_CLASSES)
     bad = score_samples(tmp_path / "cls", _as_samples(tmp_path / "bad", val.images, wrong, None))
     assert bad["class_accuracy"] <= 0.1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from model_helpers import DIFFUSERS_TINY, fill, tiny_diffusers
 
 from mdt.errors import UserError
 from mdt.models import DiffusionTransformer, ModelConfig, load_pretrained, model_config, save_pretrained
@@ -17,27 +18,7 @@ from mdt.models.diffusers_dit import (
     to_diffusers,
 )
 
-TINY = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3,
-            sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 EMBED_KEY = "norm1.emb.timestep_embedder.linear_1.weight"
-
-
-def fill(module: torch.nn.Module, seed: int = 0) -> None:
-    """Every parameter to randn * 0.2: zero-initialised gates and outputs would hide wiring mistakes."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
-def tiny_diffusers(seed: int = 0, **overrides) -> DiTTransformer2DModel:
-    """A random diffusers DiT whose blocks share one copy of the embedders, as a converted DiT has."""
-    transformer = DiTTransformer2DModel(**{**TINY, **overrides}).eval()
-    fill(transformer, seed)
-    first = transformer.transformer_blocks[0].norm1.emb
-    for block in transformer.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(first.state_dict())
-    return transformer
 
 
 def tiny_mdt(seed: int = 1, **overrides) -> DiffusionTransformer:
@@ -112,7 +93,8 @@ def test_mdt_to_diffusers_and_save_pretrained_round_trip(tmp_path):
 
     transformer.save_pretrained(tmp_path)
     loaded = DiTTransformer2DModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.norm_eps == 1e-6 and loaded.config.out_channels == 8
+    assert loaded.config.norm_eps == 1e-6
+    assert loaded.config.out_channels == 8
     assert max_diff(*outputs(model, match_original_dit(loaded))) < 1e-5  # the frequency fix is not saved
 
     back = from_diffusers(loaded)
@@ -159,7 +141,7 @@ def test_refuses_untied_embedders_unknown_and_missing_keys():
 def test_refuses_configs_mdt_cannot_represent(setting):
     key = next(iter(setting))
     with pytest.raises(UserError, match=key):
-        config_from_diffusers({**TINY, **setting})
+        config_from_diffusers({**DIFFUSERS_TINY, **setting})
 
 
 def test_accepts_the_legacy_transformer2d_config_of_published_checkpoints():

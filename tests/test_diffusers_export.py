@@ -50,7 +50,8 @@ def test_dit_pipeline_loads_the_export_and_matches_the_model(dit_export: Path, p
     assert pipe.labels == {name: i for i, name in enumerate(CLASS_NAMES)}
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
     images = pipe(class_labels=[3], num_inference_steps=2, guidance_scale=1.0, output_type="np").images
-    assert images.shape == (1, 64, 64, 3) and images.std() > 0
+    assert images.shape == (1, 64, 64, 3)
+    assert images.std() > 0
 
 
 @pytest.mark.parametrize("subfolder", ["", "transformer"])
@@ -60,7 +61,8 @@ def test_import_of_a_diffusers_folder_gives_the_model_back(dit_export: Path, pip
     result = _invoke("import", str(source), str(tmp_path / "back"), "--model", "DiT")
     assert result.exit_code == 0, result.output
     back, original = load_pretrained(tmp_path / "back"), load_pretrained(dit_export)
-    assert back.config.num_heads == original.config.num_heads and back.config.depth == original.config.depth
+    assert back.config.num_heads == original.config.num_heads
+    assert back.config.depth == original.config.depth
     for key, value in original.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
     assert json.loads((tmp_path / "back" / "import.json").read_text())["format"] == "diffusers"
@@ -69,9 +71,11 @@ def test_import_of_a_diffusers_folder_gives_the_model_back(dit_export: Path, pip
 def test_export_refuses_non_dit_and_missing_vae(tmp_path: Path, tiny_vae_dir: Path) -> None:
     mdt = make_export(tmp_path / "mdt", vae_spec=str(tiny_vae_dir), model_name="MDTv2-T/2")
     result = _invoke("export", str(mdt), str(tmp_path / "out"))
-    assert isinstance(result.exception, UserError) and "DiT models only" in str(result.exception)
+    assert isinstance(result.exception, UserError)
+    assert "DiT models only" in str(result.exception)
     pixel = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
                         scaling_factor=1.0)
     result = _invoke("export", str(pixel), str(tmp_path / "out"))
-    assert isinstance(result.exception, UserError) and "pixel space" in str(result.exception)
+    assert isinstance(result.exception, UserError)
+    assert "pixel space" in str(result.exception)
     assert not (tmp_path / "out").exists()

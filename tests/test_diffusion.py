@@ -103,15 +103,18 @@ def test_maskdit_mae_term_sees_only_the_masked_patches():
 
 def test_dit_trains_under_edm_as_an_unmasked_baseline():
     obj = make_objective("dit", num_classes=10, grid_size=4, patch_size=2, learn_sigma=False, diffusion=EDMConfig())
-    assert isinstance(obj, EDMObjective) and obj.mask_ratio == 0
+    assert isinstance(obj, EDMObjective)
+    assert obj.mask_ratio == 0
     model = create_model("DiT-T/2", input_size=8, num_classes=10, learn_sigma=False)
     out = obj(model, torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), torch.Generator().manual_seed(0))
-    assert set(out.parts) == {"denoise"} and torch.isfinite(out.loss)
+    assert set(out.parts) == {"denoise"}
+    assert torch.isfinite(out.loss)
 
 
 def test_edm_objective_is_maskdits_default_and_refuses_mdt():
     obj = make_objective("maskdit", num_classes=10, grid_size=4, patch_size=2, learn_sigma=False)
-    assert isinstance(obj, EDMObjective) and (obj.mask_ratio, obj.mae_weight) == (0.5, 0.1)
+    assert isinstance(obj, EDMObjective)
+    assert (obj.mask_ratio, obj.mae_weight) == (0.5, 0.1)
     with pytest.raises(ValueError, match="DDPM only"):
         make_objective("mdtv2", num_classes=10, grid_size=4, patch_size=2, diffusion=EDMConfig())
     with pytest.raises(ValueError, match="trains with EDM"):
@@ -147,7 +150,8 @@ def test_mdtv2_draws_its_ratio_per_batch_and_runs_two_passes():
     kept = []
     for seed in range(12):
         full, masked = masks_the_model_sees("MDTv2-T/2", seed)
-        assert full is None and masked is not None
+        assert full is None
+        assert masked is not None
         per_sample = (~masked).sum(1).unique().tolist()
         assert len(per_sample) == 1  # one ratio for the whole batch
         kept.append(per_sample[0])
@@ -162,10 +166,12 @@ def test_the_objective_draws_its_masks_from_the_generator(name: str, dropped: in
     masks = [m for m in masks_the_model_sees(name, 3) if m is not None]
     (mask,) = masks
     assert mask.sum(1).tolist() == [dropped] * 3
-    assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[1], mask[2])
+    assert not torch.equal(mask[0], mask[1])
+    assert not torch.equal(mask[1], mask[2])
     (again,) = [m for m in masks_the_model_sees(name, 3) if m is not None]
     (other,) = [m for m in masks_the_model_sees(name, 4) if m is not None]
-    assert torch.equal(mask, again) and not torch.equal(mask, other)
+    assert torch.equal(mask, again)
+    assert not torch.equal(mask, other)
 
 
 @pytest.mark.parametrize("name", FAMILIES_TINY)

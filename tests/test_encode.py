@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import textwrap
 from pathlib import Path
@@ -14,36 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import BAD_FILES, GOOD_IMAGES, REPO_ROOT, encoded_bytes, random_image, run_cli
+from helpers import BAD_FILES, GOOD_IMAGES, encoded_bytes, random_image, read_samples, run_cli, run_python
 
 from mdt.data.classes import imagenet_synsets
 from mdt.data.encode import EncodeConfig, encode_dataset
 from mdt.data.encode_plan import plan_shards, shards_of_rank
 from mdt.data.images import preprocess
 from mdt.data.manifest import read_manifest
-from mdt.data.shard_format import decode_label, decode_moments, decode_source, iter_tar_samples
+from mdt.data.shard_format import iter_tar_samples
 from mdt.data.sources import list_inputs
 from mdt.errors import UserError
 from mdt.locking import LOCK_NAME
 from mdt.vae import load_autoencoder
-
-
-def read_samples(data_dir: Path) -> list[dict]:
-    """Every stored sample, decoded, in shard order."""
-    manifest = read_manifest(data_dir)
-    samples = []
-    for shard in manifest.shards:
-        for raw in iter_tar_samples(data_dir / shard.name):
-            samples.append(
-                {
-                    "key": raw.key,
-                    "shard": shard.name,
-                    "moments": decode_moments(raw.fields["moments.npy"]),
-                    "label": decode_label(raw.fields["cls"]),
-                    "source": decode_source(raw.fields["json"]),
-                }
-            )
-    return samples
 
 
 def encode(input_dir: Path, out: Path, vae: str, **options) -> None:
@@ -61,22 +41,29 @@ def test_plan_is_deterministic_and_split_by_rank() -> None:
 
 def test_counts_labels_shapes_and_rejects(encoded_flip: Path) -> None:
     manifest = read_manifest(encoded_flip)
-    assert manifest.total == len(GOOD_IMAGES) and manifest.rejected == len(BAD_FILES)
-    assert [s.count for s in manifest.shards] and sum(s.count for s in manifest.shards) == manifest.total
+    assert manifest.total == len(GOOD_IMAGES)
+    assert manifest.rejected == len(BAD_FILES)
+    assert [s.count for s in manifest.shards]
+    assert sum(s.count for s in manifest.shards) == manifest.total
     assert len(manifest.shards) == -(-(len(GOOD_IMAGES) + len(BAD_FILES)) // 3)
-    assert manifest.classes == ("cat", "dog", "eel") and manifest.latent_shape == (4, 8, 8)
-    assert manifest.flip and manifest.sample_shape == (2, 2, 4, 8, 8)
+    assert manifest.classes == ("cat", "dog", "eel")
+    assert manifest.latent_shape == (4, 8, 8)
+    assert manifest.flip
+    assert manifest.sample_shape == (2, 2, 4, 8, 8)
     raw = json.loads((encoded_flip / "manifest.json").read_text())
     for key in ("format", "format_version", "resolution", "latent_shape", "dtype", "vae", "flip", "classes"):
         assert key in raw
-    assert raw["vae"]["kind"] == "autoencoder-kl" and raw["num_classes"] == 3 and raw["dtype"] == "float16"
+    assert raw["vae"]["kind"] == "autoencoder-kl"
+    assert raw["num_classes"] == 3
+    assert raw["dtype"] == "float16"
 
     samples = read_samples(encoded_flip)
     assert len({s["key"] for s in samples}) == len(samples) == manifest.total
     expected = {f"{c}/{name}": (size, mode) for c, name, size, mode, _ in GOOD_IMAGES}
     for sample in samples:
         source = sample["source"]
-        assert sample["moments"].shape == (2, 2, 4, 8, 8) and sample["moments"].dtype == np.float16
+        assert sample["moments"].shape == (2, 2, 4, 8, 8)
+        assert sample["moments"].dtype == np.float16
         assert sample["label"] == manifest.classes.index(source["class"]) == source["label"]
         size, mode = expected.pop(source["source"])
         assert (source["width"], source["height"], source["mode"]) == (*size, mode)
@@ -110,7 +97,8 @@ def test_imagenet_subset_keeps_standard_indices(
         shutil.copytree(imagenet_sample / "train" / synset, tmp_path / "in" / synset)
     encode(tmp_path / "in", tmp_path / "out", str(tiny_vae_dir), shard_size=2)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest.classes == imagenet_synsets() and manifest.num_classes == 1000
+    assert manifest.classes == imagenet_synsets()
+    assert manifest.num_classes == 1000
     standard = [line.split()[0] for line in (imagenet_sample / "synset_mapping.txt").read_text().splitlines()]
     labels = {s["source"]["class"]: s["label"] for s in read_samples(tmp_path / "out")}
     assert labels == {synset: standard.index(synset) for synset in picked}
@@ -149,10 +137,12 @@ def test_rerun_skips_complete_shards(image_tree: Path, tiny_vae_dir: Path, tmp_p
             str(image_tree), str(out), 64, str(tiny_vae_dir), shard_size=3, workers=0, progress=False
         )
     )
-    assert again.encoded_now == 0 and again.total == len(GOOD_IMAGES)
+    assert again.encoded_now == 0
+    assert again.total == len(GOOD_IMAGES)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
 
 
+@pytest.mark.slow
 def test_mismatched_rerun_is_refused_and_changes_nothing(
     image_tree: Path, tiny_vae_dir: Path, tmp_path: Path
 ) -> None:
@@ -165,7 +155,8 @@ def test_mismatched_rerun_is_refused_and_changes_nothing(
     result = run_cli("encode", str(image_tree), str(out), "--vae", str(tiny_vae_dir), "--resolution", "32",
                      "--shard-size", "3", "--flip", "--workers", "0", "--no-progress")  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert "resolution was 64, now 32" in result.stderr and "flip was False, now True" in result.stderr
+    assert "resolution was 64, now 32" in result.stderr
+    assert "flip was False, now True" in result.stderr
     assert "Traceback" not in result.stderr
     assert stamps() == before
     (image_tree / "cat" / "a.jpg").unlink()
@@ -191,7 +182,8 @@ def test_input_and_output_mistakes_are_one_line_errors(tmp_path: Path, tiny_vae_
         with pytest.raises(UserError, match=message):
             encode(Path(source), Path(out), str(tiny_vae_dir))
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["thesis.tex"]
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "o1").exists()
+    assert not (tmp_path / "o2").exists()
     with pytest.raises(UserError, match="--resolution 60"):
         encode(tmp_path / "ok", tmp_path / "o3", str(tiny_vae_dir), resolution=60)
 
@@ -217,15 +209,14 @@ encode_dataset(EncodeConfig(sys.argv[1], sys.argv[2], resolution=64, vae=sys.arg
 """
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(
     session_image_tree: Path, tiny_vae_dir: Path, encoded_flip: Path, tmp_path: Path
 ) -> None:
     out, script = tmp_path / "out", tmp_path / "kill.py"
     script.write_text(textwrap.dedent(KILL_SCRIPT))
-    env = {"PYTHONPATH": str(REPO_ROOT)}
     # Kill mid-way through the third shard: 2 complete shards hold 5 good images, the 7th write is inside shard 3.
-    killed = subprocess.run([sys.executable, str(script), str(session_image_tree), str(out), str(tiny_vae_dir), "7"],
-                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    killed = run_python(str(script), str(session_image_tree), str(out), str(tiny_vae_dir), "7")
     assert killed.returncode == -9, killed.stderr
     assert not (out / "manifest.json").exists()
     finals = sorted(p.name for p in out.glob("shard-*.tar"))
@@ -246,26 +237,32 @@ def test_resume_after_kill_matches_an_uninterrupted_run(
         )
 
 
+@pytest.mark.slow
 def test_verify_catches_truncated_and_missing_shards(encoded_flip: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(encoded_flip, data)
     ok = run_cli("data", "verify", str(data), "--no-progress")
-    assert ok.returncode == 0 and f"ok, {len(GOOD_IMAGES)} samples" in ok.stdout
+    assert ok.returncode == 0
+    assert f"ok, {len(GOOD_IMAGES)} samples" in ok.stdout
     shard = data / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
     (data / "shard-000003.tar").unlink()
     bad = run_cli("data", "verify", str(data), "--no-progress")
     assert bad.returncode == 1
-    assert "shard-000001.tar" in bad.stderr and "shard-000003.tar: missing" in bad.stderr
+    assert "shard-000001.tar" in bad.stderr
+    assert "shard-000003.tar: missing" in bad.stderr
     assert "shard-000000.tar" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_info_summarises(encoded_flip: Path) -> None:
     result = run_cli("data", "info", str(encoded_flip))
     assert result.returncode == 0
-    assert f"samples      {len(GOOD_IMAGES)} in" in result.stdout and "4x8x8" in result.stdout
+    assert f"samples      {len(GOOD_IMAGES)} in" in result.stdout
+    assert "4x8x8" in result.stdout
     missing = run_cli("data", "info", str(encoded_flip / "nope"))
-    assert missing.returncode == 2 and "mdt encode" in missing.stderr
+    assert missing.returncode == 2
+    assert "mdt encode" in missing.stderr
 
 
 def write_image_tars(folder: Path) -> str:
@@ -294,9 +291,9 @@ def test_webdataset_image_shards_as_input(tmp_path: Path, tiny_vae_dir: Path) ->
     listing.write_text("apple\nbanana\ncherry\n")
     encode(Path(pattern), tmp_path / "out", str(tiny_vae_dir), class_list=str(listing))
     manifest = read_manifest(tmp_path / "out")
-    assert (
-        manifest.total == 5 and manifest.rejected == 1 and manifest.classes == ("apple", "banana", "cherry")
-    )
+    assert manifest.total == 5
+    assert manifest.rejected == 1
+    assert manifest.classes == ("apple", "banana", "cherry")
     samples = read_samples(tmp_path / "out")
     assert sorted(s["label"] for s in samples) == [0, 0, 1, 1, 2]
     assert all(s["source"]["class"] == manifest.classes[s["label"]] for s in samples)
@@ -304,6 +301,7 @@ def test_webdataset_image_shards_as_input(tmp_path: Path, tiny_vae_dir: Path) ->
     assert rejects == [{"source": "imgs-1.tar/s1/img002.jpg", "reason": "no cls member", "shard": None}]
 
 
+@pytest.mark.slow
 def test_a_flat_folder_of_images_encodes_as_one_class_for_unconditional_training(tmp_path: Path) -> None:
     faces = tmp_path / "faces"
     faces.mkdir()
@@ -315,7 +313,8 @@ def test_a_flat_folder_of_images_encodes_as_one_class_for_unconditional_training
                      "--no-progress", "--workers", "0")
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(tmp_path / "out")
-    assert manifest.total == 5 and manifest.num_classes == 1
+    assert manifest.total == 5
+    assert manifest.num_classes == 1
     assert "1 non-image files ignored" in result.stdout
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no class folders and no images"):

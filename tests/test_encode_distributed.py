@@ -3,33 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import BAD_FILES, GOOD_IMAGES, REPO_ROOT
-from test_encode import read_samples
+import pytest
+from helpers import BAD_FILES, GOOD_IMAGES, ONE_THREAD, read_samples, run_cli
 
 from mdt.data.manifest import read_manifest
+
+pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
 
 
 def test_two_ranks_write_disjoint_shards_and_one_manifest(
     session_image_tree: Path, tiny_vae_dir: Path, encoded_flip: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "mdt.cli", "encode", str(session_image_tree), str(out), "--vae", str(tiny_vae_dir),
-        "--resolution", "64", "--shard-size", "3", "--flip", "--batch-size", "4", "--workers", "1", "--no-progress",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    result = run_cli(
+        "encode", str(session_image_tree), str(out), "--vae", str(tiny_vae_dir), "--resolution", "64",
+        "--shard-size", "3", "--flip", "--batch-size", "4", "--workers", "1", "--no-progress",
+        nproc=2, env=ONE_THREAD, timeout=180, cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("samples in") == 1  # the summary comes from rank 0 only
 
     manifest = read_manifest(out)
-    assert manifest.total == len(GOOD_IMAGES) and manifest.rejected == len(BAD_FILES)
+    assert manifest.total == len(GOOD_IMAGES)
+    assert manifest.rejected == len(BAD_FILES)
     writers = {
         p.stem: json.loads(p.read_text())["rank"] for p in (out / ".encode-state").glob("shard-*.json")
     }

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import run_cli
 from PIL import Image
-from sample_helpers import run_cli, write_stand_in_inception
+from sample_helpers import SAMPLING_RUN, write_stand_in_inception
 
 from mdt.errors import UserError
 from mdt.eval import network, reference
@@ -59,19 +60,27 @@ def _opts(data: dict[str, Path], net: str = "net", mode: str = "clean") -> Featu
 def test_fid_with_itself_is_zero_shifted_sets_are_ordered_and_npz_equals_folder(data, tmp_path: Path) -> None:
     ref = tmp_path / "ref.npz"
     stats = make_reference(data["samples"], ref, 32, opts=_opts(data))
-    assert stats.feats.shape == (N, 16) and stats.meta["resolution"] == 32 and stats.meta["mode"] == "clean"
+    assert stats.feats.shape == (N, 16)
+    assert stats.meta["resolution"] == 32
+    assert stats.meta["mode"] == "clean"
     folder = evaluate(data["samples"], ref, out=tmp_path / "a.json", opts=_opts(data))
     npz = evaluate(data["npz"], ref, out=tmp_path / "b.json", opts=_opts(data))
-    assert abs(folder["fid"]) < 1e-6 and npz["fid"] == pytest.approx(folder["fid"], abs=1e-9)
-    assert folder["precision"] == folder["recall"] == 1.0 and folder["mode"] == "clean"
+    assert abs(folder["fid"]) < 1e-6
+    assert npz["fid"] == pytest.approx(folder["fid"], abs=1e-9)
+    assert folder["precision"] == folder["recall"] == 1.0
+    assert folder["mode"] == "clean"
     near = evaluate(data["near"], ref, out=tmp_path / "c.json", opts=_opts(data))
     far = evaluate(data["far"], ref, out=tmp_path / "d.json", opts=_opts(data))
-    assert 0.01 < near["fid"] < far["fid"] and folder["kid"] < near["kid"] < far["kid"]
+    assert 0.01 < near["fid"] < far["fid"]
+    assert folder["kid"] < near["kid"] < far["kid"]
     recorded = json.loads((tmp_path / "d.json").read_text())
-    assert recorded["fid"] == pytest.approx(far["fid"]) and recorded["mode"] == "clean"
+    assert recorded["fid"] == pytest.approx(far["fid"])
+    assert recorded["mode"] == "clean"
     # The stand-in has no mixed_6 and no classifier head: those metrics are null, with the reason.
-    assert far["sfid"] is None and "Inception-v3" in far["sfid_skipped"]
-    assert far["is"] is None and "classifier head" in far["is_skipped"]
+    assert far["sfid"] is None
+    assert "Inception-v3" in far["sfid_skipped"]
+    assert far["is"] is None
+    assert "classifier head" in far["is_skipped"]
 
 
 def test_a_folder_written_by_mdt_sample_is_read_without_its_grid(data, tmp_path: Path) -> None:
@@ -85,7 +94,8 @@ def test_a_folder_written_by_mdt_sample_is_read_without_its_grid(data, tmp_path:
     ref = tmp_path / "ref.npz"
     make_reference(data["samples"], ref, 32, opts=_opts(data))
     result = evaluate(folder, ref, out=tmp_path / "m.json", opts=_opts(data))
-    assert result["num_samples"] == N and result["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert result["num_samples"] == N
+    assert result["fid"] == pytest.approx(0.0, abs=1e-3)
 
 
 def _features(files: list[Path], data) -> np.ndarray:
@@ -123,10 +133,12 @@ def test_reference_cache_is_read_and_keyed_by_inputs_and_code(data, tmp_path: Pa
     # Another code version, or a changed reference image, is another key: recomputed, not the stale entry.
     monkeypatch.setattr(reference, "STATS_VERSION", reference.STATS_VERSION + 100)
     recomputed = evaluate(data["samples"], wide, out=tmp_path / "m.json", opts=_opts(data), cache_dir=cache)
-    assert recomputed["fid"] == pytest.approx(first["fid"], abs=1e-9) and len(list(cache.glob("*.npz"))) == 2
+    assert recomputed["fid"] == pytest.approx(first["fid"], abs=1e-9)
+    assert len(list(cache.glob("*.npz"))) == 2
     Image.new("RGB", (48, 36), (9, 9, 9)).save(wide / "000000.png")
     changed = evaluate(data["samples"], wide, out=tmp_path / "m.json", opts=_opts(data), cache_dir=cache)
-    assert changed["fid"] != pytest.approx(first["fid"]) and len(list(cache.glob("*.npz"))) == 3
+    assert changed["fid"] != pytest.approx(first["fid"])
+    assert len(list(cache.glob("*.npz"))) == 3
 
 
 def test_frechet_distance_closed_form_and_near_singular_covariances() -> None:
@@ -149,7 +161,8 @@ def test_frechet_distance_closed_form_and_near_singular_covariances() -> None:
     s1[5:], s2[5:] = 1e-13, 0.0
     near = frechet_distance(mu1, q @ np.diag(s1) @ q.T, mu2, q @ np.diag(s2) @ q.T)
     closed = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum())
-    assert np.isfinite(near) and near == pytest.approx(closed, rel=1e-6)
+    assert np.isfinite(near)
+    assert near == pytest.approx(closed, rel=1e-6)
     feats = rng.normal(size=(6, d))
     same = FeatureStats.from_features(feats)
     assert abs(fid(same, same)) < 1e-6 * np.trace(same.sigma)  # sqrt of round-off-sized eigenvalues
@@ -201,7 +214,9 @@ def test_is_reported_when_the_network_has_a_classifier_head(data, tmp_path: Path
     ref = tmp_path / "ref.npz"
     make_reference(data["samples"], ref, 32, opts=_opts(data, "head"))
     result = evaluate(data["near"], ref, out=tmp_path / "m.json", opts=_opts(data, "head"))
-    assert result["is"] is not None and 1.0 < result["is"] <= 10.0 and result["is_skipped"] is None
+    assert result["is"] is not None
+    assert 1.0 < result["is"] <= 10.0
+    assert result["is_skipped"] is None
 
 
 def test_bad_inputs_are_one_sentence_each(data, tmp_path: Path) -> None:
@@ -233,7 +248,9 @@ def test_bad_inputs_are_one_sentence_each(data, tmp_path: Path) -> None:
         assert len(str(err.value).rstrip(".").split(". ")) == 1, err.value
     assert not (tmp_path / "never.json").exists()
     trusted = evaluate(data["samples"], bare, out=tmp_path / "t.json", opts=_opts(data), trust_ref=True)
-    assert trusted["reference_checked"] is False and trusted["kid"] is None and trusted["precision"] is None
+    assert trusted["reference_checked"] is False
+    assert trusted["kid"] is None
+    assert trusted["precision"] is None
 
 
 def test_offline_without_weights_says_what_to_do(data, tmp_path: Path, monkeypatch) -> None:
@@ -244,45 +261,58 @@ def test_offline_without_weights_says_what_to_do(data, tmp_path: Path, monkeypat
     with pytest.raises(UserError) as err:
         make_reference(data["samples"], tmp_path / "ref.npz", 32, opts=opts)
     message = str(err.value)
-    assert str(missing) in message and "make setup" in message and "--inception" in message
+    assert str(missing) in message
+    assert "make setup" in message
+    assert "--inception" in message
     assert len(message.rstrip(".").split(". ")) == 1  # one sentence
-    assert not (tmp_path / "ref.npz").exists() and not missing.exists()
+    assert not (tmp_path / "ref.npz").exists()
+    assert not missing.exists()
 
 
+@pytest.mark.slow
 def test_cli_fid_ref_and_fid(data, tmp_path: Path) -> None:
     ref = tmp_path / "stats.npz"
     made = run_cli("fid-ref", str(data["wide"]), "--out", str(ref), "--resolution", "32",
-                   "--inception", str(data["net"]), "--workers", "0")
+                   "--inception", str(data["net"]), "--workers", "0", **SAMPLING_RUN)
     assert made.returncode == 0, made.stderr
     with np.load(ref, allow_pickle=False) as stats:
         assert set(stats.files) == {"mu", "sigma", "feats", "meta"}
     out = tmp_path / "metrics.json"
     result = run_cli("fid", "--samples", str(data["npz"]), "--ref", str(ref), "--inception", str(data["net"]),
-                     "--out", str(out), "--workers", "0")
+                     "--out", str(out), "--workers", "0", **SAMPLING_RUN)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(out.read_text())
-    assert f"[clean] FID {metrics['fid']:.4f}" in result.stdout and metrics["num_samples"] == N
+    assert f"[clean] FID {metrics['fid']:.4f}" in result.stdout
+    assert metrics["num_samples"] == N
     assert metrics["feature_network_source"] == "--inception"
-    bad = run_cli("fid", "--samples", str(tmp_path / "nope"), "--ref", str(ref))
-    assert bad.returncode == 2 and "--samples" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("fid", "--samples", str(tmp_path / "nope"), "--ref", str(ref), **SAMPLING_RUN)
+    assert bad.returncode == 2
+    assert "--samples" in bad.stderr
+    assert "Traceback" not in bad.stderr
     # A broken image met by a loader worker process: still one sentence, not the worker's traceback.
     broken = _write_images(tmp_path / "broken", 3, (32, 32), seed=5)
     (broken / "000001.png").write_bytes((broken / "000001.png").read_bytes()[:100])
-    bad = run_cli("fid", "--samples", str(broken), "--ref", str(ref), "--inception", str(data["net"]), "--workers", "2")
-    assert bad.returncode == 2 and "000001.png cannot be read as an image" in bad.stderr, bad.stderr
-    assert "Traceback" not in bad.stderr and bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
+    bad = run_cli("fid", "--samples", str(broken), "--ref", str(ref), "--inception", str(data["net"]),
+                  "--workers", "2", **SAMPLING_RUN)
+    assert bad.returncode == 2, bad.stderr
+    assert "000001.png cannot be read as an image" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: "), bad.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_features_of_one(data, tmp_path: Path) -> None:
     """torchrun with 2 ranks: 40 images in batches of 16 (16, 16, 8) split 2 : 1 over the ranks."""
     files = {}
     for nproc in (1, 2):
         files[nproc] = tmp_path / f"ref{nproc}.npz"
         made = run_cli("fid-ref", str(data["samples"]), "--out", str(files[nproc]), "--resolution", "32",
-                       "--inception", str(data["net"]), "--workers", "0", "--batch-size", "16", nproc=nproc)
+                       "--inception", str(data["net"]), "--workers", "0", "--batch-size", "16",
+                       nproc=nproc, **SAMPLING_RUN)
         assert made.returncode == 0, made.stderr
     one, two = FeatureStats.load(files[1]), FeatureStats.load(files[2])
-    assert one.feats.shape == (N, 16) and np.array_equal(one.feats, two.feats)
+    assert one.feats.shape == (N, 16)
+    assert np.array_equal(one.feats, two.feats)
 
 
 def _tf1_resize_bilinear_by_the_kernel(image: np.ndarray, size: int) -> np.ndarray:
@@ -307,7 +337,8 @@ def _tf1_resize_bilinear_by_the_kernel(image: np.ndarray, size: int) -> np.ndarr
 def test_adm_and_clean_resizes_each_match_their_reference_and_differ() -> None:
     image = np.random.default_rng(0).integers(0, 256, size=(16, 12, 3), dtype=np.uint8)
     adm = build_resizer("adm")(image)
-    assert adm.shape == (299, 299, 3) and adm.dtype == np.float32
+    assert adm.shape == (299, 299, 3)
+    assert adm.dtype == np.float32
     np.testing.assert_allclose(resize_tf_bilinear(image, 37), _tf1_resize_bilinear_by_the_kernel(image, 37), atol=1e-4)
     np.testing.assert_allclose(adm[::7, ::5], _tf1_resize_bilinear_by_the_kernel(image, 299)[::7, ::5], atol=1e-4)
     # clean-fid's clean mode: each channel as a float32 PIL image, BICUBIC to 299, no rounding.

@@ -92,14 +92,17 @@ def _inception_input(files: list[Path], mode: str) -> torch.Tensor:
 
 def test_pytorch_fid_mode_feeds_inception_exactly_the_packages_tensor(real) -> None:
     files = _package_listing(real["samples"])
-    assert files == sample_files(real["samples"]) and len(files) == 5
+    assert files == sample_files(real["samples"])
+    assert len(files) == 5
     loader = torch.utils.data.DataLoader(fid_score.ImagePathDataset(files, transforms=TF.ToTensor()),
                                          batch_size=len(files))
     (package,) = _hollow_inception()(next(iter(loader)))
     ours = _inception_input(files, "pytorch-fid")
-    assert ours.shape == package.shape == (5, 3, 299, 299) and ours.dtype == package.dtype == torch.float32
+    assert ours.shape == package.shape == (5, 3, 299, 299)
+    assert ours.dtype == package.dtype == torch.float32
     assert torch.equal(ours, package)  # bit for bit
-    assert package.min() >= -1 and package.max() <= 1
+    assert package.min() >= -1
+    assert package.max() <= 1
     for other in ("clean", "adm"):  # the other modes' inputs are measurably different
         assert (_inception_input(files, other) - package).abs().mean() > 1e-3
 
@@ -133,7 +136,8 @@ def _write_package_weights(path: Path) -> None:
         state |= {f"{name}.conv.weight": port[f"{tf}.weight"], f"{name}.bn.weight": torch.ones_like(port[f"{tf}.beta"]),
                   f"{name}.bn.bias": port[f"{tf}.beta"], f"{name}.bn.running_mean": port[f"{tf}.mean"],
                   f"{name}.bn.running_var": port[f"{tf}.var"]}
-    assert len(units) == 94 and 4 * len(units) == len(port)
+    assert len(units) == 94
+    assert 4 * len(units) == len(port)
     path.parent.mkdir(parents=True)
     torch.save(state, path)
 
@@ -147,10 +151,13 @@ def _mdt_fid(real, tmp_path: Path) -> tuple[float, FeatureStats]:
                                    *common])
     assert run.exit_code == 0, run.output
     metrics = json.loads(out.read_text())
-    assert metrics["mode"] == "pytorch-fid" and metrics["num_samples"] == 5 and "[pytorch-fid] FID" in run.output
+    assert metrics["mode"] == "pytorch-fid"
+    assert metrics["num_samples"] == 5
+    assert "[pytorch-fid] FID" in run.output
     return metrics["fid"], FeatureStats.load(ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["pytorch-fid's own file", "mdt's Inception in pytorch-fid's layout"])
 def test_pytorch_fid_mode_gives_the_packages_fid(real, weights: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(network, "clean_fid_cache_path", lambda: tmp_path / "absent.pt")  # the pinned file
@@ -167,7 +174,8 @@ def test_pytorch_fid_mode_gives_the_packages_fid(real, weights: str, tmp_path: P
     package_fid = float(fid_score.calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
     ours, ref = _mdt_fid(real, tmp_path)
     np.testing.assert_allclose(ref.mu, mu2, atol=1e-4)
-    assert package_fid > 50 and ours == pytest.approx(package_fid, rel=1e-4)
+    assert package_fid > 50
+    assert ours == pytest.approx(package_fid, rel=1e-4)
 
 
 def _invoke_fid(samples: Path, ref: Path, mode: str, stand_in: Path, *extra: str):
@@ -176,7 +184,8 @@ def _invoke_fid(samples: Path, ref: Path, mode: str, stand_in: Path, *extra: str
 
 
 def _refused(result, *words: str) -> str:
-    assert result.exit_code != 0 and isinstance(result.exception, UserError), result.output
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, UserError), result.output
     message = str(result.exception)
     assert all(w in message for w in words), message
     assert len(message.rstrip(".").split(". ")) == 1, message  # one sentence
@@ -217,12 +226,15 @@ def test_an_adm_batch_is_an_adm_mode_reference(real, tmp_path: Path, monkeypatch
     assert not (tmp_path / "never.json").exists()
     net = FeatureOptions(device="cpu", num_workers=0, verbose=False).network()
     adm = load_reference(stats_only, SIZE, net, EvalOptions("adm", verbose=False), tmp_path / "cache")
-    assert adm.kind == "adm-reference-batch" and adm.stats.meta["mode"] == "adm" and not adm.stats.mu.any()
+    assert adm.kind == "adm-reference-batch"
+    assert adm.stats.meta["mode"] == "adm"
+    assert not adm.stats.mu.any()
     # In pytorch-fid mode the batch's arr_0 (here the reference folder's images) gives the statistics.
     opts = EvalOptions("pytorch-fid", batch_size=5, num_workers=0, verbose=False)
     batch = load_reference(with_images, SIZE, net, opts, tmp_path / "cache")
     folder = load_reference(real["refs"], SIZE, net, opts, tmp_path / "cache")
-    assert batch.stats.meta["mode"] == "pytorch-fid" and batch.stats.mu.any()
+    assert batch.stats.meta["mode"] == "pytorch-fid"
+    assert batch.stats.mu.any()
     np.testing.assert_array_equal(batch.stats.feats, folder.stats.feats)
 
 
@@ -244,7 +256,8 @@ def test_a_format_1_reference_stays_usable_in_clean_mode_only(real, tmp_path: Pa
         result = _invoke_fid(real["samples"], path, "clean", stand_in, "--out", str(out))
         assert result.exit_code == 0, result.output
         runs[name] = json.loads(out.read_text())
-    assert runs["v1"]["fid"] == pytest.approx(runs["v2"]["fid"], rel=1e-12) and runs["v1"]["sfid"] is None
+    assert runs["v1"]["fid"] == pytest.approx(runs["v2"]["fid"], rel=1e-12)
+    assert runs["v1"]["sfid"] is None
     _refused(_invoke_fid(real["samples"], legacy, "adm", stand_in), "was computed in clean mode but --mode is adm")
     other = tmp_path / "v1_other_net.npz"
     FeatureStats(current.mu, current.sigma, None, {**meta, "feature_network": "0123456789abcdef"}).save(other)

@@ -4,13 +4,11 @@ attention included, and that count is what a real pass computes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import ONE_THREAD, REPO_ROOT, run_python
 from model_helpers import FAMILIES_TINY
 from typer.testing import CliRunner
 
@@ -38,10 +36,9 @@ def test_dit_count_is_the_closed_form_attention_included(name: str) -> None:
     assert model_stats(name).forward_flops == dit_forward_flops(name)
 
 
-@pytest.mark.parametrize(("name", "ratio"), PASSES)
-def test_stats_count_what_a_real_cpu_pass_computes(name: str, ratio: float) -> None:
-    """A real model on the CPU, batch 2, its own random mask: twice the per-image count that
-    `model_stats` takes from one image (on the meta device when unmasked)."""
+def real_pass_flops(name: str, ratio: float) -> tuple[int, int]:
+    """Forward and backward FLOPs of a real pass of `name` on the CPU, batch 2, at `ratio` (its own
+    random mask), counted by `count_flops` on the operations that run."""
     torch.manual_seed(0)
     model = create_model(name)
     cfg = model.config
@@ -50,8 +47,15 @@ def test_stats_count_what_a_real_cpu_pass_computes(name: str, ratio: float) -> N
     losses = []
     forward = count_flops(lambda: losses.append(model(x, torch.tensor([3, 900]), torch.tensor([0, 1]), mask).sum()))
     backward = count_flops(losses[0].backward)
+    return forward, backward
+
+
+@pytest.mark.parametrize(("name", "ratio"), PASSES)
+def test_stats_count_what_a_real_cpu_pass_computes(name: str, ratio: float) -> None:
+    """A real pass, batch 2: twice the per-image count that `model_stats` takes from one image (on the
+    meta device when unmasked)."""
     stats = model_stats(name, ratio, backward=True)
-    assert (forward, backward) == (2 * stats.forward_flops, 2 * stats.backward_flops)
+    assert real_pass_flops(name, ratio) == (2 * stats.forward_flops, 2 * stats.backward_flops)
     if ratio:
         assert stats.forward_flops < model_stats(name).forward_flops
 
@@ -73,6 +77,7 @@ def test_a_training_step_costs_the_sum_of_its_passes(name: str) -> None:
     assert step == 2 * sum(pass_flops(name, ratio) for ratio in step_pass_ratios(objective))
 
 
+@pytest.mark.slow
 def test_mdt_models_prints_the_stats_of_every_preset() -> None:
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0, result.output
@@ -85,9 +90,8 @@ def test_mdt_models_prints_the_stats_of_every_preset() -> None:
 
 
 def run_bench(script: str, *args: str, sizes_flag: str = "--sizes") -> dict[str, list[dict]]:
-    result = subprocess.run([sys.executable, f"tools/{script}", sizes_flag, "T", "--batch", "2", "--warmup", "0",
-                             "--repeats", "1", *args], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    result = run_python(f"tools/{script}", sizes_flag, "T", "--batch", "2", "--warmup", "0", "--repeats", "1",
+                        *args, env=ONE_THREAD, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures: dict[str, list[dict]] = {}
     for line in result.stdout.splitlines():
@@ -106,15 +110,22 @@ def fwd_bwd_gflops(name: str, *ratios: float) -> float:
     return round(flops / 1e9, 3)
 
 
-def test_bench_model_counts_as_mdt_models_does() -> None:
+@pytest.mark.slow
+def test_bench_model_reports_what_a_real_pass_computes() -> None:
+    """tools/bench_model.py's FLOPs per image are those of a real forward + backward counted here, and
+    DiT's forward is its closed form."""
     figures = run_bench("bench_model.py", "--families", "DiT", "MDT", "MDTv2", "MaskDiT")
     passes = {(r["model"], r["mask_ratio"]): r for r in figures["model_pass"]}
     assert sorted(passes) == sorted(PASSES)
     for (name, ratio), record in passes.items():
-        assert record["forward_gflops_per_image"] == round(model_stats(name, ratio).forward_flops / 1e9, 3)
-        assert record["gflops_per_image"] == fwd_bwd_gflops(name, ratio), name
+        forward, backward = real_pass_flops(name, ratio)  # batch 2
+        assert record["forward_gflops_per_image"] == round(forward / 2 / 1e9, 3), (name, ratio)
+        assert record["gflops_per_image"] == round((forward + backward) / 2 / 1e9, 3), (name, ratio)
+        if name.startswith("DiT"):
+            assert record["forward_gflops_per_image"] == round(dit_forward_flops(name) / 1e9, 3)
 
 
+@pytest.mark.slow
 def test_bench_train_counts_every_pass_of_the_step_as_mdt_models_does() -> None:
     """The unified flag names (--dtype, --sizes) and the old ones (--precision, --size) both work."""
     figures = run_bench("bench_train.py", "--dtype", "fp32")

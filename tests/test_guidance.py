@@ -19,7 +19,8 @@ def test_power_cosine_weights_match_the_formula(power: float) -> None:
         expected = 1 + (scale - 1) * (1 - math.cos(math.pi * (1 - ti / T) ** power)) / 2
         assert wi == pytest.approx(expected, abs=1e-12)
     # The ramp: no guidance at t = T, full scale at t = 0.
-    assert got[-1].item() == pytest.approx(1.0) and got[0].item() == pytest.approx(scale)
+    assert got[-1].item() == pytest.approx(1.0)
+    assert got[0].item() == pytest.approx(scale)
 
 
 def test_constant_weights() -> None:

@@ -51,7 +51,8 @@ def test_modes_become_rgb() -> None:
 def test_preprocess_records_the_original_and_rejects_garbage() -> None:
     data = encoded_bytes(Image.new("L", (90, 50), 77), "PNG")
     decoded = preprocess(data, 32)
-    assert decoded.pixels.shape == (32, 32, 3) and decoded.pixels.dtype == np.uint8
+    assert decoded.pixels.shape == (32, 32, 3)
+    assert decoded.pixels.dtype == np.uint8
     assert (decoded.width, decoded.height, decoded.mode) == (90, 50, "L")
     assert decoded.pixels.flags.writeable
     jpeg = encoded_bytes(Image.new("RGB", (64, 64)), "JPEG")
@@ -63,26 +64,31 @@ def test_preprocess_records_the_original_and_rejects_garbage() -> None:
 def test_shipped_synset_list_is_imagenet_1k_in_standard_order(imagenet_sample: Path) -> None:
     synsets = imagenet_synsets()
     assert len(synsets) == len(set(synsets)) == 1000
-    assert synsets[0] == "n01440764" and synsets[-1] == "n15075141"
+    assert synsets[0] == "n01440764"
+    assert synsets[-1] == "n15075141"
     assert synsets == read_class_list(imagenet_sample / "synset_mapping.txt")
 
 
 def test_synset_subset_keeps_standard_indices() -> None:
     index = index_for_folders(["n15075141", "n01443537"])
-    assert index.rule == "imagenet-1k" and len(index) == 1000
-    assert index.label("n01443537") == 1 and index.label("n15075141") == 999
+    assert index.rule == "imagenet-1k"
+    assert len(index) == 1000
+    assert index.label("n01443537") == 1
+    assert index.label("n15075141") == 999
 
 
 def test_other_folders_are_sorted() -> None:
     index = index_for_folders(["zebra", "ant", "n01443537"])
-    assert index.rule == "sorted-folders" and index.names == ("ant", "n01443537", "zebra")
+    assert index.rule == "sorted-folders"
+    assert index.names == ("ant", "n01443537", "zebra")
 
 
 def test_class_list_overrides_and_must_cover_the_folders(tmp_path: Path) -> None:
     listing = tmp_path / "classes.txt"
     listing.write_text("# my order\nzebra striped\nant\n\nbee\n")
     index = index_for_folders(["ant", "zebra"], listing)
-    assert index.rule == "class-list" and index.names == ("zebra", "ant", "bee")
+    assert index.rule == "class-list"
+    assert index.names == ("zebra", "ant", "bee")
     with pytest.raises(UserError, match="'cat'"):
         index_for_folders(["ant", "cat"], listing)
     listing.write_text("a\nb\na\n")

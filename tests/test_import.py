@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_helpers import load_fixture, mdt_import, official_state_dict, write_source
 from helpers import run_cli
-from test_official_golden import load_fixture, mdt_import, official_state_dict, write_source
+from model_helpers import tiny_diffusers
 
 from mdt.errors import UserError
 from mdt.models import load_pretrained
@@ -27,16 +28,19 @@ def _refused(result, out: Path, *words: str) -> None:
     for word in words:
         assert word in message, message
     assert "\n" not in message
-    assert not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+    assert not out.exists()
+    assert not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
 
 
+@pytest.mark.slow
 def test_truncated_file_exits_2_and_writes_nothing(tmp_path: Path, dit_state_dict) -> None:
     source = write_source("raw", dit_state_dict, tmp_path)
     data = source.read_bytes()
     source.write_bytes(data[: len(data) // 2])
     result = run_cli("import", str(source), str(tmp_path / "out"), "--model", "DiT", "--set", "num_heads=4")
     assert result.returncode == 2, result.stderr
-    assert "truncated" in result.stderr and str(source) in result.stderr
+    assert "truncated" in result.stderr
+    assert str(source) in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -91,9 +95,11 @@ def test_existing_out_is_refused(tmp_path: Path, dit_state_dict) -> None:
     source = write_source("raw", dit_state_dict, tmp_path)
     (tmp_path / "out").mkdir()
     result = mdt_import(source, tmp_path / "out", "DiT", ["num_heads=4"])
-    assert isinstance(result.exception, UserError) and "already exists" in str(result.exception)
+    assert isinstance(result.exception, UserError)
+    assert "already exists" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_old_export_is_refused_with_one_sentence(tmp_path: Path, dit_state_dict) -> None:
     source = write_source("raw", dit_state_dict, tmp_path)
     assert mdt_import(source, tmp_path / "out", "DiT", ["num_heads=4"]).exit_code == 0
@@ -105,7 +111,8 @@ def test_old_export_is_refused_with_one_sentence(tmp_path: Path, dit_state_dict)
         load_pretrained(tmp_path / "out")
     result = run_cli("sample", "--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "s"), "--num-samples", "1",
                      "--vae", "pixel")
-    assert result.returncode == 2 and "earlier mdt" in result.stderr
+    assert result.returncode == 2
+    assert "earlier mdt" in result.stderr
 
 
 def test_import_at_a_size_no_preset_has_keeps_the_sizes(tmp_path: Path, dit_state_dict) -> None:
@@ -117,6 +124,7 @@ def test_import_at_a_size_no_preset_has_keeps_the_sizes(tmp_path: Path, dit_stat
     assert json.loads((tmp_path / "out" / "diffusion.json").read_text())["num_timesteps"] == 1000
 
 
+@pytest.mark.slow
 def test_an_import_samples_and_fine_tunes_through_the_cli(tmp_path: Path, tiny_vae_dir: Path) -> None:
     """The official MDTv2 fixture (4x8x8 latents, 10 classes) -> mdt sample --vae, and mdt train --init-from
     on latents of the same shape from the tiny VAE."""
@@ -148,13 +156,12 @@ def test_an_import_samples_and_fine_tunes_through_the_cli(tmp_path: Path, tiny_v
     assert result.returncode == 0, result.stderr
     assert "records no data manifest" in result.stdout + result.stderr
     tuned = load_pretrained(tmp_path / "run" / "ema")
-    assert tuned.config.depth == 6 and tuned.config.hidden_size == 64  # the imported model, not MDTv2-T/2
+    assert tuned.config.depth == 6
+    assert tuned.config.hidden_size == 64  # the imported model, not MDTv2-T/2
 
 
 def _pipeline(directory: Path, scheduler: dict | None) -> Path:
     """A DiTPipeline-like folder: transformer/ (a tiny diffusers DiT) and, if given, scheduler/."""
-    from test_diffusers_dit import tiny_diffusers
-
     tiny_diffusers().save_pretrained(directory / "transformer")
     if scheduler is not None:
         (directory / "scheduler").mkdir()
@@ -182,7 +189,8 @@ def test_a_diffusers_pipeline_records_its_schedulers_ddpm(tmp_path: Path, schedu
     source = _pipeline(tmp_path / "pipe", scheduler)
     assert mdt_import(source, tmp_path / "out", "DiT", []).exit_code == 0
     diffusion = json.loads((tmp_path / "out" / "diffusion.json").read_text())
-    assert diffusion["formulation"] == "ddpm" and diffusion["prediction_type"] == "epsilon"
+    assert diffusion["formulation"] == "ddpm"
+    assert diffusion["prediction_type"] == "epsilon"
     assert {k: diffusion[k] for k in expected} == pytest.approx(expected)
 
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_maskdm_golden import released_layout, weights
-from test_official_golden import (
+from golden_helpers import (
     assert_trajectory_close,
     load_fixture,
     mdt_import,
     official_state_dict,
+    released_layout,
+    weights,
     write_source,
 )
+from PIL import Image
 from typer.testing import CliRunner
 
 from mdt.cli import app
@@ -111,7 +112,8 @@ def test_every_import_records_its_formulation_and_samples_through_the_cli(
                                       "--cfg-scale", "1.5", "--classes", "1,4"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "sample_config.json").read_text())
-    assert record["sampler"] == sampler and record["diffusion"]["formulation"] == recorded["formulation"]
+    assert record["sampler"] == sampler
+    assert record["diffusion"]["formulation"] == recorded["formulation"]
     for name in ("000000.png", "000001.png"):  # NaN latents would decode to one flat colour
         assert np.asarray(Image.open(out / name)).std() > 0
 
@@ -149,9 +151,12 @@ def test_imported_maskdit_samples_with_edm_heun_by_the_cli_and_refuses_ddpm(
                                       "--cfg-scale", "1.5"])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "heun" / "sample_config.json").read_text())
-    assert record["sampler"] == "edm-heun" and record["steps"] == 6 and record["diffusion"]["sigma_data"] == 0.5
+    assert record["sampler"] == "edm-heun"
+    assert record["steps"] == 6
+    assert record["diffusion"]["sigma_data"] == 0.5
     torch.testing.assert_close(torch.tensor(record["timesteps"], dtype=torch.float64), e["sampler.t_steps"])
     assert DEFAULT_STEPS["edm-heun"] == 40  # MaskDiT's train.py/sample.py --num_steps default
     result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "ddpm")])  # the default sampler is DDPM's
     assert isinstance(result.exception, UserError), result.output
-    assert "edm-heun" in str(result.exception) and not (tmp_path / "ddpm").exists()
+    assert "edm-heun" in str(result.exception)
+    assert not (tmp_path / "ddpm").exists()

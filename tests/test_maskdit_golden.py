@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_helpers import FIXTURES, assert_trajectory_close, mdt_import
 from safetensors import safe_open
-from test_official_golden import assert_trajectory_close, attention_kernel, mdt_import  # noqa: F401
 
 from mdt.diffusion.edm import EDMConfig, EDMObjective, denoise, karras_sigmas
 from mdt.models import load_pretrained
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.samplers import Churn, sample_edm_heun
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
 TOL = dict(rtol=1e-5, atol=1e-5)
 NUM_CLASSES = 10
 
@@ -92,7 +91,7 @@ def test_edm_loss_terms_are_the_official_ones(fixture) -> None:
 
 
 @pytest.mark.parametrize("run", ["unguided", "guided", "churn"])
-def test_heun_trajectory_is_the_official_edm_sampler(fixture, attention_kernel: float, run: str) -> None:  # noqa: F811
+def test_heun_trajectory_is_the_official_edm_sampler(fixture, attention_kernel: float, run: str) -> None:
     net, _, e, meta = fixture
     sigmas = karras_sigmas(EDMConfig(), len(e["sampler.t_steps"]) - 1)
     torch.testing.assert_close(torch.tensor(sigmas, dtype=torch.float64), e["sampler.t_steps"], rtol=1e-12, atol=0)
@@ -128,8 +127,11 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
                                           "--sampler", "edm-heun", "--cfg-scale", "1.5", "--churn", churn])
         assert result.exit_code == 0, result.output
         record = json.loads((out / churn / "sample_config.json").read_text())
-        assert record["timesteps"][0] == pytest.approx(80.0) and record["timesteps"][-1] == 0.0
-        assert record["steps"] == 3 and len(record["timesteps"]) == 4 and record["churn"] == float(churn)
+        assert record["timesteps"][0] == pytest.approx(80.0)
+        assert record["timesteps"][-1] == 0.0
+        assert record["steps"] == 3
+        assert len(record["timesteps"]) == 4
+        assert record["churn"] == float(churn)
     assert (out / "0" / "000000.png").read_bytes() != (out / "40" / "000000.png").read_bytes()
     for ckpt, args, words in [
         (edm, ["--sampler", "ddpm"], "EDM model"),
@@ -139,7 +141,8 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
     ]:
         result = CliRunner().invoke(app, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "bad"), *base, *args])
         assert isinstance(result.exception, UserError), result.output
-        assert words in str(result.exception) and "\n" not in str(result.exception)
+        assert words in str(result.exception)
+        assert "\n" not in str(result.exception)
         assert not (tmp_path / "bad").exists()
 
 
@@ -154,6 +157,7 @@ def test_a_maskdit_checkpoint_of_unexpected_layout_is_refused_in_one_sentence(tm
     result = mdt_import(tmp_path / "ckpt.pt", tmp_path / "out", "MaskDiT", ["num_heads=4", "decoder_num_heads=2"])
     assert isinstance(result.exception, UserError), result.output
     message = str(result.exception)
-    assert "maskdit" in message.lower() and "\n" not in message
+    assert "maskdit" in message.lower()
+    assert "\n" not in message
     assert drop.rsplit(".", 2)[-2] in message  # names the missing tensor (decoder_layer's linear, a block's fc2)
     assert not (tmp_path / "out").exists()

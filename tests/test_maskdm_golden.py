@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden_helpers import FIXTURES, mdt_import, released_layout, weights
 from safetensors import safe_open
-from test_official_golden import mdt_import
 
 from mdt.diffusion import diffusion_from_dict
 from mdt.diffusion.mdsm import MDSMObjective
@@ -21,27 +21,12 @@ from mdt.errors import UserError
 from mdt.models import load_pretrained, model_config
 from mdt.models.registry import build_model
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _load(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(str(FIXTURES / name), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["fixture"])
-
-
-def weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def released_layout(state_dict: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> dict:
-    """The dict train_step.py saves: 'model' = GaussianDiffusion.state_dict(), 'ema' = an ema_pytorch EMA
-    around it (ema_model.* the average, online_model.* the live copy, initted, step)."""
-    diffusion = {**{f"model.{k}": v for k, v in state_dict.items()}, **buffers}
-    live = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in diffusion.items()}
-    ema = {**{f"ema_model.{k}": v for k, v in diffusion.items()}, **{f"online_model.{k}": v for k, v in live.items()},
-           "initted": torch.tensor(True), "step": torch.tensor(20)}
-    return {"step": 20, "model": live, "opt": {}, "ema": ema, "scaler": None}
 
 
 def visible_tokens(image: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
@@ -72,7 +57,8 @@ def test_imported_config_and_schedule(imported) -> None:
     assert (uncond.family, uncond.depth, uncond.hidden_size, uncond.patch_size, uncond.input_size) == ("uvit", 3, 16, 2, 8)
     assert (uncond.in_channels, uncond.num_classes, cond.num_classes, uncond.mlp_ratio) == (3, 0, 5, 2.0)
     diffusion = json.loads((imported["dir"] / "uncond" / "diffusion.json").read_text())
-    assert diffusion["beta_schedule"] == "cosine" and diffusion["num_timesteps"] == 1000  # read from the betas
+    assert diffusion["beta_schedule"] == "cosine"
+    assert diffusion["num_timesteps"] == 1000  # read from the betas
     official_betas = imported["loss"]["diffusion.betas"].double()
     ours = NoiseSchedule(diffusion_from_dict(diffusion)).betas
     torch.testing.assert_close(ours, official_betas, rtol=1e-6, atol=1e-9)
@@ -175,7 +161,9 @@ def test_a_released_checkpoint_that_does_not_fit_is_refused_in_one_sentence(tmp_
         result = mdt_import(tmp_path / f"{name}.pt", tmp_path / name, "UViT", ["num_heads=2"])
         assert isinstance(result.exception, UserError), result.output
         message = str(result.exception)
-        assert "MaskDM" in message and "\n" not in message and name.split("_")[0] in message
+        assert "MaskDM" in message
+        assert "\n" not in message
+        assert name.split("_")[0] in message
         assert not (tmp_path / name).exists()
 
 
@@ -192,4 +180,5 @@ def test_mdt_sample_takes_an_imported_conditional_uvit(imported, tmp_path: Path)
         result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / scale), "--cfg-scale", scale])
         assert result.exit_code == 0, result.output
         record = json.loads((tmp_path / scale / "sample_config.json").read_text())
-        assert record["sampler"] == "ddim" and len(list((tmp_path / scale).glob("0*.png"))) == 2
+        assert record["sampler"] == "ddim"
+        assert len(list((tmp_path / scale).glob("0*.png"))) == 2

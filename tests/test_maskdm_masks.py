@@ -71,7 +71,9 @@ def test_crop_masks_keep_one_contiguous_window() -> None:
     for sample in ~mask:
         rows, cols = sample.any(1).nonzero().flatten(), sample.any(0).nonzero().flatten()
         window = sample[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        assert window.shape == (5, 5) and window.all() and sample.sum() == 25
+        assert window.shape == (5, 5)
+        assert window.all()
+        assert sample.sum() == 25
 
 
 def test_fine_tuning_drops_nothing_and_crops_ignore_the_ratio() -> None:
@@ -93,7 +95,8 @@ def test_fine_tuning_drops_nothing_and_crops_ignore_the_ratio() -> None:
 def test_settings_that_cannot_hold_are_refused_in_one_sentence(options: dict, words: str) -> None:
     with pytest.raises(ValueError) as error:
         make_objective("uvit", num_classes=0, grid_size=16, patch_size=4, **options)
-    assert words in str(error.value) and "\n" not in str(error.value)
+    assert words in str(error.value)
+    assert "\n" not in str(error.value)
 
 
 def test_the_objective_trains_the_visible_pixels_only() -> None:
@@ -116,7 +119,8 @@ def test_the_objective_trains_the_visible_pixels_only() -> None:
     torch.testing.assert_close(pretrain.terms(poisoned, x0, None, t, noise, mask)["mse"], terms)
     out = pretrain(model, x0, None, torch.Generator().manual_seed(0))
     out.loss.backward()
-    assert model.final_layer.weight.grad.abs().sum() > 0 and set(out.parts) == {"mse"}
+    assert model.final_layer.weight.grad.abs().sum() > 0
+    assert set(out.parts) == {"mse"}
     finetune = make_objective("uvit", num_classes=0, grid_size=4, patch_size=2, mask_ratio=0.0)
     full = finetune.terms(model, x0, None, t, noise, None)["mse"]
     expected = ((model(pretrain.schedule.q_sample(x0, t, noise), t) - noise) ** 2).flatten(1).mean(1)

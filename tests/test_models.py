@@ -176,7 +176,8 @@ def test_crop_mask_keeps_one_contiguous_window():
         rows = sample.any(1).nonzero().flatten()
         cols = sample.any(0).nonzero().flatten()
         window = sample[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        assert window.all() and window.numel() == sample.sum() == 16
+        assert window.all()
+        assert window.numel() == sample.sum() == 16
 
 
 def test_kept_indices_are_sorted_positions_of_kept_tokens():

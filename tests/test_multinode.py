@@ -4,17 +4,18 @@ process each, joined at 127.0.0.1:PORT as pipelines/slurm.sbatch joins them) enc
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import REPO_ROOT, metrics, train_args, train_losses
+import pytest
+from helpers import REPO_ROOT, child_env, metrics, python_command, run_cli, train_args, train_losses
 from PIL import Image
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
+
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # on top of helpers.child_env
 
 
 def free_port() -> int:
@@ -26,10 +27,13 @@ def free_port() -> int:
 def two_nodes(*args: str, timeout: float = 400) -> list[subprocess.CompletedProcess]:
     """`torchrun --nnodes 2 --node_rank R --nproc_per_node 1 --master_addr ... -m mdt.cli ARGS` for R = 0, 1."""
     port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "mdt.cli", *args],
-        cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    procs = []
+    for rank in (0, 1):
+        launcher = ["--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        command = python_command("-m", "mdt.cli", *args, torchrun=launcher)
+        procs.append(subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(ENV), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -63,10 +67,9 @@ def test_two_nodes_encode_and_train_as_one_world(tmp_path: Path) -> None:
     args = train_args(latents, nodes, "DiT-T/2", 4, "--deepspeed-config", "deepspeed_configs/zero2.json")
     node0, _ = two_nodes(*args)
     assert "global batch 8 = micro 4 x accum 1 x 2 ranks" in node0.stdout
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mdt.cli",
-         *train_args(latents, standalone, "DiT-T/2", 4, "--deepspeed-config", "deepspeed_configs/zero2.json")],
-        cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    result = run_cli(*train_args(latents, standalone, "DiT-T/2", 4, "--deepspeed-config",
+                                 "deepspeed_configs/zero2.json"), nproc=2, env=ENV, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert train_losses(nodes) == train_losses(standalone) and len(train_losses(nodes)) == 4
+    assert train_losses(nodes) == train_losses(standalone)
+    assert len(train_losses(nodes)) == 4
     assert metrics(nodes)[-1]["step"] == 4

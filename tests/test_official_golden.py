@@ -9,25 +9,25 @@ the official values on the same inputs and noise.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from golden_helpers import (
+    assert_trajectory_close,
+    load_fixture,
+    mdt_import,
+    official_state_dict,
+    write_source,
+)
 
-from mdt.cli import app
 from mdt.diffusion.objectives import DenoisingLoss
 from mdt.diffusion.respacing import sampling_timesteps, space_timesteps
 from mdt.diffusion.schedule import NoiseSchedule, ScheduleConfig
-from mdt.models import attention as attention_module
 from mdt.models import load_pretrained
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.samplers import sample_ddim, sample_ddpm
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official"
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -38,40 +38,6 @@ def assert_matches_official(out: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * max(1.0, expected.abs().max().item()))
 # fixture -> (--model for mdt import, extra --set options: what no tensor holds)
 IMPORTS = {"dit": ("DiT", ["num_heads=4"]), "mdtv1": ("MDT", ["decoder_depth=2"]), "mdtv2": ("MDTv2", [])}
-
-
-def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    with safe_open(str(FIXTURES / f"{name}.safetensors"), "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-        meta = json.loads(f.metadata()["fixture"])
-    return tensors, meta
-
-
-def official_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
-
-
-def write_source(fmt: str, state_dict: dict[str, torch.Tensor], directory: Path) -> Path:
-    """The state_dict saved as the official code saves it."""
-    if fmt == "safetensors":
-        path = directory / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
-    elif fmt == "raw":  # DiT-XL-2-256x256.pt, mdt_xl2_v2_ckpt.pt: the EMA state_dict itself
-        path = directory / "raw.pt"
-        torch.save(state_dict, path)
-    else:  # DiT's train.py checkpoint: model, ema, opt, args (an argparse.Namespace)
-        path = directory / "train.pt"
-        noisy = {k: v + 1.0 if v.is_floating_point() else v for k, v in state_dict.items()}
-        torch.save({"model": noisy, "ema": state_dict, "opt": {"state": {}, "param_groups": []},
-                    "args": argparse.Namespace(model="DiT-XL/2", global_seed=0)}, path)
-    return path
-
-
-def mdt_import(source: Path, out: Path, model: str, sets: list[str], *extra: str):
-    from typer.testing import CliRunner
-
-    args = ["import", str(source), str(out), "--model", model, *[a for s in sets for a in ("--set", s)], *extra]
-    return CliRunner().invoke(app, args)
 
 
 def _import(name: str, directory: Path) -> tuple[str, torch.nn.Module, dict[str, torch.Tensor], dict]:
@@ -141,30 +107,6 @@ def test_respacing_is_adms_space_timesteps() -> None:
         assert offset == len(steps)
     with pytest.raises(ValueError):
         space_timesteps(1000, "ddim1")  # no integer stride gives exactly 1 of 1000 steps, as in ADM
-
-
-@pytest.fixture(params=["explicit", "sdpa"])
-def attention_kernel(request, monkeypatch) -> float:
-    """The attention kernel for a whole trajectory, and the tolerance relative to the trajectory's scale.
-
-    The official DiT (timm, fused attention off) multiplies out softmax(q k^T) v; SDPA's kernel
-    rounds differently by ~1e-7, and with random weights and guidance scale 4 a 21-step trajectory
-    grows to |x| ~ 900, where that is ~5e-4 absolute. With the official's kernel the sampler must
-    reproduce the official trajectory to 5e-6 of its scale, with SDPA to 1e-5 of it. (Not bit for
-    bit: the fixtures' AMD EPYC and an Intel Xeon's AVX-512 matmuls already differ by up to 2.5e-6 of the
-    scale along the same trajectory.)
-    """
-    if request.param == "explicit":
-        def explicit(q, k, v, attn_mask=None):
-            return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
-
-        monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", explicit)
-        return 5e-6
-    return 1e-5
-
-
-def assert_trajectory_close(out: torch.Tensor, expected: torch.Tensor, relative_to_scale: float) -> None:
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=max(1e-5, relative_to_scale * expected.abs().max()))
 
 
 def _guided_dit(run: dict, net: torch.nn.Module) -> ClassifierFreeGuidance:

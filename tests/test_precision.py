@@ -54,9 +54,11 @@ def test_tf32_switches_both_cuda_flags_and_the_others_switch_them_off():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         set_tf32("tf32")
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
         set_tf32("fp32")
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -70,6 +72,7 @@ def test_autocast_runs_the_amp_modes_in_their_dtype():
     assert layer.weight.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_tiny_runs_in_every_training_mode_stay_close_to_fp32(pixel_latents, tmp_path):
     """The same seeded 3-step run per mode: finite and within 5% of fp32's losses; the amp modes differ
     from fp32 (autocast ran), keep fp32 weights in the module DeepSpeed checkpoints, and amp-fp16 logs

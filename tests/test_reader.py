@@ -43,8 +43,10 @@ def take(loader: LatentLoader, n: int) -> list[dict[str, torch.Tensor]]:
 def test_batches_have_the_promised_form(encoded_flip: Path) -> None:
     loader = LatentLoader(encoded_flip, 4, seed=0, num_workers=0)
     batch = next(iter(loader))
-    assert batch["latents"].shape == (4, 4, 8, 8) and batch["latents"].dtype == torch.float32
-    assert batch["labels"].shape == (4,) and batch["labels"].dtype == torch.int64
+    assert batch["latents"].shape == (4, 4, 8, 8)
+    assert batch["latents"].dtype == torch.float32
+    assert batch["labels"].shape == (4,)
+    assert batch["labels"].dtype == torch.int64
     assert ((batch["labels"] >= 0) & (batch["labels"] < 3)).all()
     assert (loader.latent_shape, loader.num_classes, loader.batches_per_epoch) == ((4, 8, 8), 3, 2)
 
@@ -55,11 +57,13 @@ def test_sample_latents_draws_posterior_samples_of_a_random_view() -> None:
     moments[:, :, 1] = 2.0  # std
     scale, shift = 0.5, 0.25
     z = sample_latents(moments, scale, shift, torch.Generator().manual_seed(0)) / scale + shift
-    assert z.dtype == torch.float32 and z.shape == (4000, 4, 8, 8)
+    assert z.dtype == torch.float32
+    assert z.shape == (4000, 4, 8, 8)
     flipped = z.mean(dim=(1, 2, 3)) > 50
     assert 0.45 < flipped.float().mean() < 0.55
     residual = torch.where(flipped[:, None, None, None], z - 100.0, z) / 2.0
-    assert abs(residual.mean().item()) < 0.01 and abs(residual.std().item() - 1) < 0.01
+    assert abs(residual.mean().item()) < 0.01
+    assert abs(residual.std().item() - 1) < 0.01
     again = sample_latents(moments, scale, shift, torch.Generator().manual_seed(0))
     assert torch.equal(again, sample_latents(moments, scale, shift, torch.Generator().manual_seed(0)))
     # Validation: the original view only; pixel data (mean only): no noise at all.
@@ -78,7 +82,8 @@ def test_round_trip_returns_each_stored_sample_once_per_epoch(unique_labels: Pat
     loader = LatentLoader(unique_labels, 3, seed=7, num_workers=0)
     epoch = take(loader, loader.batches_per_epoch)
     labels = torch.cat([b["labels"] for b in epoch]).tolist()
-    assert sorted(labels) == list(range(UNIQUE_IMAGES)) and labels != sorted(labels)  # all, shuffled
+    assert sorted(labels) == list(range(UNIQUE_IMAGES))
+    assert labels != sorted(labels)  # all, shuffled
     for batch in epoch:  # pixel data: the latent is the stored crop itself
         for latent, label in zip(batch["latents"], batch["labels"], strict=True):
             assert torch.equal(latent, stored[int(label)])
@@ -103,7 +108,8 @@ def test_start_batch_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
     for start in (1, 3, 5):
         resumed = run(start, 9 - start)
         for a, b in zip(full[start:], resumed, strict=True):
-            assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"])
+            assert torch.equal(a["latents"], b["latents"])
+            assert torch.equal(a["labels"], b["labels"])
     assert not torch.equal(full[0]["latents"], full[3]["latents"])
     other_seed = take(LatentLoader(encoded_flip, 3, seed=6, num_workers=workers), 1)[0]
     assert not torch.equal(other_seed["latents"], full[0]["latents"])
@@ -153,7 +159,8 @@ def test_the_stream_does_not_depend_on_the_worker_count(counted: dict[int, Path]
     reference = stream(0)
     for workers in (1, 3):
         for a, b in zip(reference, stream(workers), strict=True):
-            assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["latents"], b["latents"])
+            assert torch.equal(a["labels"], b["labels"])
+            assert torch.equal(a["latents"], b["latents"])
 
 
 def test_the_reader_streams_are_independent() -> None:
@@ -200,11 +207,13 @@ def test_validation_batches_are_deterministic_and_finite(encoded_flip: Path) -> 
     keys = [k for b in first for k in b["keys"]]
     assert keys == sorted(keys)
     for a, b in zip(first, second, strict=True):
-        assert torch.equal(a["latents"], b["latents"]) and a["keys"] == b["keys"]
+        assert torch.equal(a["latents"], b["latents"])
+        assert a["keys"] == b["keys"]
     reseeded = next(iter_validation_batches(encoded_flip, 4, seed=4))
     assert not torch.equal(reseeded["latents"], first[0]["latents"])
     subset = list(iter_validation_batches(encoded_flip, 100, shards=["shard-000001.tar"]))
-    assert len(subset) == 1 and len(subset[0]["keys"]) == read_manifest(encoded_flip).shards[1].count
+    assert len(subset) == 1
+    assert len(subset[0]["keys"]) == read_manifest(encoded_flip).shards[1].count
 
 
 def copy_with_first_shard_edited(source: Path, tmp_path: Path, edit) -> Path:
@@ -265,7 +274,9 @@ def test_a_shard_truncated_mid_run_is_retried_then_named(encoded_flip: Path, tmp
         for _ in range(20):
             next(loader)
     message = str(caught.value)
-    assert "could not be read after 2 tries" in message and "shard-" in message and "Traceback" not in message
+    assert "could not be read after 2 tries" in message
+    assert "shard-" in message
+    assert "Traceback" not in message
 
 
 def test_a_non_finite_latent_stops_the_reader_naming_the_sample(encoded_flip: Path, tmp_path: Path) -> None:
@@ -308,18 +319,19 @@ print("handled", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_loader_workers_leave_a_group_sigterm_to_the_trainer(encoded_flip: Path) -> None:
     import os
     import signal
     import subprocess
-    import sys
 
-    from helpers import REPO_ROOT
+    from helpers import REPO_ROOT, child_env, python_command
 
-    proc = subprocess.Popen([sys.executable, "-c", LOADER_UNDER_SIGNAL, str(encoded_flip)], cwd=REPO_ROOT,
+    proc = subprocess.Popen(python_command("-c", LOADER_UNDER_SIGNAL, str(encoded_flip)), cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                            env=child_env())
     assert proc.stdout.readline().strip() == "ready"
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its two workers, as SLURM delivers it
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and stdout.strip() == "handled", stderr[-2000:]
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.strip() == "handled", stderr[-2000:]

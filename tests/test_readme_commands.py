@@ -3,18 +3,17 @@ and the checker fails on a line they reject."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from helpers import REPO_ROOT
+import pytest
+from helpers import ONE_THREAD, run_python
+
+pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
 
 
 def check_readme(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/check_readme_commands.py", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+    return run_python("tools/check_readme_commands.py", *args, env=ONE_THREAD, timeout=900)
 
 
 def test_the_readme_commands_are_accepted_and_the_benchmarks_run() -> None:
@@ -25,7 +24,8 @@ def test_the_readme_commands_are_accepted_and_the_benchmarks_run() -> None:
     assert any(line.startswith("ok") and "RDZV=" in line for line in lines)
     assert any(line.startswith("ok") and "bench-train BENCH_ARGS=" in line and "--sizes" in line for line in lines)
     ran = [line for line in lines if line.startswith("ran ")]
-    assert len(ran) == 3 and all(line.endswith("exit 0") for line in ran), ran
+    assert len(ran) == 3, ran
+    assert all(line.endswith("exit 0") for line in ran), ran
 
 
 def test_a_rejected_flag_fails_the_check(tmp_path: Path) -> None:

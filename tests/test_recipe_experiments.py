@@ -141,7 +141,8 @@ def test_ema_warmup_follows_ema_pytorch() -> None:
     1 - (1 + k)^(-2/3) at k steps past it, capped at the decay. Checked at the desk against the package
     over 400 random steps (largest difference 1.9e-6)."""
     ema = EMA([], 0.999, update_after_step=100, inv_gamma=1.0, power=2 / 3)
-    assert ema.decay_at(0) == 0.0 and ema.decay_at(100) == 0.0
+    assert ema.decay_at(0) == 0.0
+    assert ema.decay_at(100) == 0.0
     assert ema.decay_at(101) == pytest.approx(1 - 2 ** (-2 / 3))
     assert ema.decay_at(1100) == pytest.approx(1 - 1001 ** (-2 / 3))
     assert ema.decay_at(40_000) == 0.999

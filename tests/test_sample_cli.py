@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save_tiny_vae
-from sample_helpers import CLASS_NAMES, make_export, run_cli
+from helpers import run_cli, save_tiny_vae
+from sample_helpers import CLASS_NAMES, SAMPLING_RUN, make_export
 from typer.testing import CliRunner
 
 from mdt.cli import app
@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _sample(run_dir: Path, out: Path, *extra: str, nproc: int = 1, n: int = 5):
     return run_cli("sample", "--ckpt", str(run_dir), "--out", str(out), "--num-samples", str(n),
-                   "--cfg-scale", "4", *STEPS, *extra, nproc=nproc)
+                   "--cfg-scale", "4", *STEPS, *extra, nproc=nproc, **SAMPLING_RUN)
 
 
 def _pngs(out: Path) -> dict[str, bytes]:
@@ -44,21 +44,29 @@ def reference(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_outputs(reference: Path) -> None:
     pngs = _pngs(reference)
     assert sorted(pngs) == [f"{i:06d}.png" for i in range(5)]
     with np.load(reference / "samples.npz", allow_pickle=False) as data:
         images, labels = data["arr_0"], data["arr_1"]
-    assert images.dtype == np.uint8 and images.shape == (5, 64, 64, 3)
-    assert labels.shape == (5,) and labels.min() >= 0 and labels.max() < len(CLASS_NAMES)
+    assert images.dtype == np.uint8
+    assert images.shape == (5, 64, 64, 3)
+    assert labels.shape == (5,)
+    assert labels.min() >= 0
+    assert labels.max() < len(CLASS_NAMES)
     assert images.std() > 1  # not a constant image
     assert (reference / "grid.png").is_file()
     config = json.loads((reference / "sample_config.json").read_text())
-    assert config["sampler"] == "ddpm" and config["steps"] == 3 and config["guidance"]["scale"] == 4.0
-    assert config["spacing"] == "even" and config["timesteps"] == [0, 500, 999]  # ADM: round(499.5) = 500
+    assert config["sampler"] == "ddpm"
+    assert config["steps"] == 3
+    assert config["guidance"]["scale"] == 4.0
+    assert config["spacing"] == "even"
+    assert config["timesteps"] == [0, 500, 999]  # ADM: round(499.5) = 500
     assert not list(reference.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_two_processes_and_other_splits_give_identical_bytes(run_dir: Path, reference: Path, tmp_path: Path) -> None:
     two = tmp_path / "two"
     result = _sample(run_dir, two, "--batch-size", "2", nproc=2)
@@ -67,6 +75,7 @@ def test_two_processes_and_other_splits_give_identical_bytes(run_dir: Path, refe
     assert (two / "samples.npz").read_bytes() == (reference / "samples.npz").read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_skips_written_images(run_dir: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "resume"
     assert _sample(run_dir, out, "--batch-size", "2", n=2).returncode == 0
@@ -78,6 +87,7 @@ def test_resume_skips_written_images(run_dir: Path, reference: Path, tmp_path: P
     assert _pngs(out) == _pngs(reference)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(run_dir: Path, reference: Path) -> None:
     def stamps() -> dict[str, int]:  # of the samples; the writer lock's record names each new holder
         return {p.name: p.stat().st_mtime_ns for p in reference.iterdir() if p.name != LOCK_NAME}
@@ -85,10 +95,12 @@ def test_resume_with_other_settings_is_refused(run_dir: Path, reference: Path) -
     before = stamps()
     result = _sample(run_dir, reference, "--batch-size", "2", "--seed", "1")
     assert result.returncode == 2
-    assert "seed" in result.stderr and "Traceback" not in result.stderr
+    assert "seed" in result.stderr
+    assert "Traceback" not in result.stderr
     assert stamps() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_other_samplers_and_guidance_flags_take_effect(run_dir: Path, tmp_path: Path, sampler: str) -> None:
     """Power-cosine guidance on 3 channels, then each flag changed alone: both change the samples
@@ -111,17 +123,20 @@ def test_other_samplers_and_guidance_flags_take_effect(run_dir: Path, tmp_path: 
     assert not np.array_equal(images["power-cosine-3"], images["power-cosine-4"])  # --cfg-channels
 
 
+@pytest.mark.slow
 def test_pixel_space_checkpoint(tmp_path: Path) -> None:
     export = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
                          scaling_factor=1.0)
     out = tmp_path / "out"
     result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
-                     *STEPS, "--classes", "balanced")
+                     *STEPS, "--classes", "balanced", **SAMPLING_RUN)
     assert result.returncode == 0, result.stderr
     with np.load(out / "samples.npz", allow_pickle=False) as data:
-        assert data["arr_0"].shape == (2, 8, 8, 3) and data["arr_1"].tolist() == [0, 1]
+        assert data["arr_0"].shape == (2, 8, 8, 3)
+        assert data["arr_1"].tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_maskdm_ddim_on_a_pixel_checkpoint(tmp_path: Path) -> None:
     """MaskDM's DDIM: its grid and eta 1 by default, recorded; --eta takes effect (eta 0 is another image)."""
     export = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
@@ -130,7 +145,7 @@ def test_maskdm_ddim_on_a_pixel_checkpoint(tmp_path: Path) -> None:
     for name, extra in (("default", []), ("eta0", ["--eta", "0"])):
         out = tmp_path / name
         result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler",
-                         "maskdm-ddim", "--steps", "4", *extra)
+                         "maskdm-ddim", "--steps", "4", *extra, **SAMPLING_RUN)
         assert result.returncode == 0, result.stderr
         record = json.loads((out / "sample_config.json").read_text())
         assert (record["spacing"], record["timesteps"]) == ("linspace", [249, 499, 749, 999])
@@ -160,7 +175,11 @@ def test_user_mistakes(run_dir: Path, tmp_path: Path, args: list[str], words: st
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_not_a_checkpoint(tmp_path: Path) -> None:
-    result = run_cli("sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--num-samples", "1")
-    assert result.returncode == 2 and "--ckpt" in result.stderr and "ema" in result.stderr
+    result = run_cli("sample", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o"), "--num-samples", "1",
+                     **SAMPLING_RUN)
+    assert result.returncode == 2
+    assert "--ckpt" in result.stderr
+    assert "ema" in result.stderr
     assert not (tmp_path / "o").exists()

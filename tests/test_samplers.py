@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT
+from helpers import run_python
 from model_helpers import randomize
 from sample_helpers import NUM_CLASSES
 
@@ -64,7 +62,8 @@ def test_each_sampler_and_schedule_runs(models, name: str, guidance: dict) -> No
         pytest.skip("power-cosine guidance is defined over DDPM timesteps (mdt sample refuses it for EDM)")
     model = _model(models, name)
     out = _sample(name, _guided(model, **guidance), [0, 1, 2])
-    assert out.shape == (3, *SHAPE) and out.dtype == torch.float32
+    assert out.shape == (3, *SHAPE)
+    assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
     assert not torch.equal(out, _sample(name, model, [0, 1, 2]))  # guidance changes the result
 
@@ -73,7 +72,8 @@ def test_each_sampler_and_schedule_runs(models, name: str, guidance: dict) -> No
 def test_model_without_learned_sigma(name: str) -> None:
     plain = randomize(create_model("DiT-T/2", input_size=8, num_classes=NUM_CLASSES, learn_sigma=False)).eval()
     out = _sample(name, _guided(plain, scale=2.0), [5, 6], diffusion=ScheduleConfig(learn_sigma=False))
-    assert out.shape == (2, *SHAPE) and torch.isfinite(out).all()
+    assert out.shape == (2, *SHAPE)
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -103,15 +103,16 @@ def test_seeds_are_distinct_across_seeds_indices_and_streams() -> None:
     seeds = [derived_seed(*key) for key in SEED_KEYS]
     assert len(set(seeds)) == len(seeds)
     neighbours = {derived_seed(0, i, stream) for i in range(500) for stream in (0, 1)}
-    assert len(neighbours) == 1000 and all(0 <= s < 2**63 for s in neighbours)
+    assert len(neighbours) == 1000
+    assert all(0 <= s < 2**63 for s in neighbours)
 
 
+@pytest.mark.slow
 def test_seeds_are_the_same_in_another_process() -> None:
     """Another interpreter with another hash seed: nothing may come from process state."""
     code = ("import json, sys; from mdt.sample.seeding import derived_seed; "
             "print(json.dumps([derived_seed(*k) for k in json.loads(sys.argv[1])]))")
-    result = subprocess.run([sys.executable, "-c", code, json.dumps(SEED_KEYS)], capture_output=True, text=True,
-                            cwd=REPO_ROOT, env={"PYTHONPATH": str(REPO_ROOT), "PYTHONHASHSEED": "12345"}, timeout=120)
+    result = run_python("-c", code, json.dumps(SEED_KEYS), env={"PYTHONHASHSEED": "12345"})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [derived_seed(*key) for key in SEED_KEYS]
 

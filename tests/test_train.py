@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO_ROOT, assert_ok, metrics, run_cli, train_args, train_losses
+from helpers import assert_ok, metrics, run_cli, train_args, train_losses
 from safetensors.torch import load_file
 
 from mdt.errors import UserError
@@ -25,23 +22,19 @@ from mdt.train.engine import resolve_deepspeed_config
 from mdt.train.schedules import lr_multiplier, unmask_ratio
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TWO_RANKS = dict(nproc=2, env=ENV, timeout=300)  # torchrun --standalone --nproc_per_node 2 (gloo)
 
 
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mdt.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **ENV})
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, model", [(1, "DiT-T/2"), (2, "MDTv2-T/2"), (3, "MaskDiT-T/2")])
 def test_zero_stages_train_each_objective_on_two_ranks(pixel_latents, tmp_path, stage, model):
     run = tmp_path / "run"
-    result = torchrun(*train_args(pixel_latents, run, model, 40, "--deepspeed-config",
-                                  f"deepspeed_configs/zero{stage}.json", "--val-every", "20", "--val-shards", "1",
-                                  "--ckpt-every", "20"))
+    result = run_cli(*train_args(pixel_latents, run, model, 40, "--deepspeed-config",
+                                 f"deepspeed_configs/zero{stage}.json", "--val-every", "20", "--val-shards", "1",
+                                 "--ckpt-every", "20"), **TWO_RANKS)
     assert_ok(result)
-    assert f"ZeRO-{stage}" in result.stdout and "global batch 8 = micro 4 x accum 1 x 2 ranks" in result.stdout
+    assert f"ZeRO-{stage}" in result.stdout
+    assert "global batch 8 = micro 4 x accum 1 x 2 ranks" in result.stdout
     losses = list(train_losses(run).values())
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
@@ -55,26 +48,30 @@ def test_zero_stages_train_each_objective_on_two_ranks(pixel_latents, tmp_path, 
     assert formulation == ("edm" if model.startswith("MaskDiT") else "ddpm")
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000020", "step_00000040"]
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["final_step"] == 40 and "best_val_loss" in summary
+    assert summary["final_step"] == 40
+    assert "best_val_loss" in summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["MDT-T/2", "MaskDiT-T/2"])  # DDPM two passes, EDM masked
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(pixel_latents, tmp_path, model):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--deepspeed-config", "deepspeed_configs/zero2.json", "--ckpt-every", "100")
-    assert_ok(torchrun(*train_args(pixel_latents, straight, model, 12, *common)))
-    assert_ok(torchrun(*train_args(pixel_latents, split, model, 6, *common)))
-    assert_ok(torchrun("train", "--resume", str(split), "--steps", "12"))
+    assert_ok(run_cli(*train_args(pixel_latents, straight, model, 12, *common), **TWO_RANKS))
+    assert_ok(run_cli(*train_args(pixel_latents, split, model, 6, *common), **TWO_RANKS))
+    assert_ok(run_cli("train", "--resume", str(split), "--steps", "12", **TWO_RANKS))
     assert train_losses(split) == train_losses(straight)
     a, b = load_file(str(straight / "ema" / "model.safetensors")), load_file(str(split / "ema" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ema_matches_a_hand_computed_average(pixel_latents, tmp_path, stage):
     run = tmp_path / "run"
-    assert_ok(torchrun(*train_args(pixel_latents, run, "DiT-T/2", 4, "--deepspeed-config",
-                                   f"deepspeed_configs/zero{stage}.json", "--ckpt-every", "1", "--set", "keep_last=10")))
+    assert_ok(run_cli(*train_args(pixel_latents, run, "DiT-T/2", 4, "--deepspeed-config",
+                                  f"deepspeed_configs/zero{stage}.json", "--ckpt-every", "1", "--set", "keep_last=10"),
+                      **TWO_RANKS))
     steps = [run / "checkpoints" / f"step_{s:08d}" for s in range(1, 5)]
     reference = load_file(str(steps[0] / "ema" / "model.safetensors"))
     for folder in steps[1:]:
@@ -87,6 +84,7 @@ def test_ema_matches_a_hand_computed_average(pixel_latents, tmp_path, stage):
     assert any(not torch.equal(first_weights[k], final[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_unmask_tuning_from_a_masked_run(pixel_latents, tmp_path):
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     assert_ok(run_cli(*train_args(pixel_latents, base, "MaskDiT-T/2", 3), env=ENV, timeout=200))
@@ -96,9 +94,12 @@ def test_unmask_tuning_from_a_masked_run(pixel_latents, tmp_path):
     ratios = [r["mask_ratio"] for r in metrics(tuned) if "mask_ratio" in r]
     expected = [unmask_ratio("cosine", 0.5, s / 8) for s in range(8)]
     assert ratios == pytest.approx(expected)
-    assert ratios[0] > 0.4 and ratios[-1] < 0.01 and all(a >= b for a, b in zip(ratios, ratios[1:], strict=False))
+    assert ratios[0] > 0.4
+    assert ratios[-1] < 0.01
+    assert all(a >= b for a, b in zip(ratios, ratios[1:], strict=False))
 
 
+@pytest.mark.slow
 def test_keep_last_prunes_older_checkpoints(pixel_latents, tmp_path):
     run = tmp_path / "run"
     assert_ok(run_cli(*train_args(pixel_latents, run, "DiT-T/2", 5, "--ckpt-every", "1", "--set", "keep_last=3"),
@@ -107,11 +108,13 @@ def test_keep_last_prunes_older_checkpoints(pixel_latents, tmp_path):
     assert json.loads((run / "checkpoints" / "LATEST.json").read_text())["step"] == 5
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_event_files_or_names_the_missing_package(pixel_latents, tmp_path):
     run = tmp_path / "run"
     result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2, "--tensorboard"), env=ENV, timeout=200)
     if importlib.util.find_spec("tensorboard") is None:
-        assert result.returncode == 2 and "pip install tensorboard" in result.stderr, result.stderr[-2000:]
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "pip install tensorboard" in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         return
     assert_ok(result)
@@ -125,6 +128,7 @@ def test_tensorboard_writes_event_files_or_names_the_missing_package(pixel_laten
     assert logged == pytest.approx(train_losses(run))  # the metrics.jsonl losses, step for step
 
 
+@pytest.mark.slow
 def test_init_from_a_run_at_another_resolution_names_the_resolutions(pixel_latents, tmp_path):
     """An 8 px export onto 16 px latents of the same (pixel) autoencoder."""
     from mdt.data.encode import EncodeConfig, encode_dataset
@@ -139,10 +143,12 @@ def test_init_from_a_run_at_another_resolution_names_the_resolutions(pixel_laten
     result = run_cli(*train_args(data16, tmp_path / "run", "DiT-T/2", 2, "--init-from", str(export), input_size=16),
                      env=ENV, timeout=200)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "trained at resolution 8 (3x8x8 latents)" in result.stderr and "holds resolution 16" in result.stderr
+    assert "trained at resolution 8 (3x8x8 latents)" in result.stderr
+    assert "holds resolution 16" in result.stderr
     assert "another autoencoder" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -162,6 +168,7 @@ def test_user_mistakes_stop_before_training_with_one_sentence(pixel_latents, tmp
     assert not (run / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_preset_is_not_resized_to_the_data_without_being_asked(pixel_latents, tmp_path):
     run = tmp_path / "run"
     result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 2, input_size=None), env=ENV, timeout=200)
@@ -171,6 +178,7 @@ def test_a_preset_is_not_resized_to_the_data_without_being_asked(pixel_latents, 
     assert not (run / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(pixel_latents, tmp_path):
     run = tmp_path / "run"
     result = run_cli(*train_args(pixel_latents, run, "DiT-T/2", 30, "--ckpt-every", "1", "--set", "lr=1e30",
@@ -188,13 +196,17 @@ def budget_args(data: Path, run: Path, seconds: float) -> list[str]:
                       "--ckpt-every", "100000", "--val-shards", "1", "--val-every", "100000")
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_stops_every_rank_at_one_step_with_a_checkpoint(pixel_latents, tmp_path):
     run = tmp_path / "run"
-    result = torchrun(*budget_args(pixel_latents, run, 2), "--deepspeed-config", "deepspeed_configs/zero2.json")
+    result = run_cli(*budget_args(pixel_latents, run, 2), "--deepspeed-config", "deepspeed_configs/zero2.json",
+                     **TWO_RANKS)
     assert_ok(result)
     summary = json.loads((run / "metrics.json").read_text())
     step = summary["stop_step"]
-    assert summary["stopped_by"] == "max_wall_seconds" and summary["max_wall_seconds"] == 2.0 and 0 < step < 1_000_000
+    assert summary["stopped_by"] == "max_wall_seconds"
+    assert summary["max_wall_seconds"] == 2.0
+    assert 0 < step < 1_000_000
     assert f"stopped on the budget at step {step}" in result.stdout
     # Both ranks wrote their optimizer partition of the same step: they agreed where to stop.
     assert len(list((run / "checkpoints" / f"step_{step:08d}").rglob("*optim_states.pt"))) == 2
@@ -210,6 +222,7 @@ def test_a_wall_clock_budget_stops_every_rank_at_one_step_with_a_checkpoint(pixe
     assert summary["wall_time_s"] == clock
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_budget_clock(pixel_latents, tmp_path):
     """The budget is the run's total: a resume goes on from the seconds the checkpoint recorded."""
     run = tmp_path / "run"
@@ -222,9 +235,11 @@ def test_a_resumed_run_keeps_its_budget_clock(pixel_latents, tmp_path):
     assert_ok(run_cli("train", "--resume", str(run), "--max-wall-seconds", "2", "--log-every", "1", env=ENV,
                       timeout=200))
     second = json.loads((run / "metrics.json").read_text())
-    assert second["stopped_by"] == "max_wall_seconds" and second["stop_step"] > first["stop_step"]
+    assert second["stopped_by"] == "max_wall_seconds"
+    assert second["stop_step"] > first["stop_step"]
     resumed = [r["wall_time_s"] for r in metrics(run) if r["step"] > first["stop_step"]]
-    assert min(resumed) >= 1.0 and resumed[-1] >= 2.0  # the first step after the resume: 1 s on, not 0.01 s
+    assert min(resumed) >= 1.0
+    assert resumed[-1] >= 2.0  # the first step after the resume: 1 s on, not 0.01 s
 
 
 def test_ema_update_is_the_textbook_average():
@@ -237,11 +252,16 @@ def test_ema_update_is_the_textbook_average():
 
 def test_schedules():
     warm = lr_multiplier("cosine", 10, 110, 0.1)
-    assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0)
-    assert warm(10) == pytest.approx(1.0) and warm(110) == pytest.approx(0.1) and warm(60) == pytest.approx(0.55)
+    assert warm(0) == pytest.approx(0.1)
+    assert warm(9) == pytest.approx(1.0)
+    assert warm(10) == pytest.approx(1.0)
+    assert warm(110) == pytest.approx(0.1)
+    assert warm(60) == pytest.approx(0.55)
     assert lr_multiplier("constant", 0, 100, 0.0)(50) == 1.0
-    assert unmask_ratio("zero", 0.5, 0.3) == 0.0 and unmask_ratio("none", 0.5, 0.3) == 0.5
-    assert unmask_ratio("cosine", 0.5, 0.0) == 0.5 and unmask_ratio("cosine", 0.5, 1.0) == pytest.approx(0.0)
+    assert unmask_ratio("zero", 0.5, 0.3) == 0.0
+    assert unmask_ratio("none", 0.5, 0.3) == 0.5
+    assert unmask_ratio("cosine", 0.5, 0.0) == 0.5
+    assert unmask_ratio("cosine", 0.5, 1.0) == pytest.approx(0.0)
 
 
 def test_deepspeed_config_auto_values_and_conflicts(tmp_path):
@@ -267,6 +287,7 @@ def test_recipe_then_flags_override(tmp_path):
         resolve_config(recipe, {})
 
 
+@pytest.mark.slow
 def test_bf16_training_computes_in_bf16_with_an_fp32_ema(pixel_latents, tmp_path):
     """The same seeded run in fp32 and bf16: computing in bf16 changes every loss after the first (whose
     zero-initialised output layer predicts 0 in any precision) a little; were the flag ignored, the
@@ -283,6 +304,7 @@ def test_bf16_training_computes_in_bf16_with_an_fp32_ema(pixel_latents, tmp_path
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
 
 
+@pytest.mark.slow
 def test_an_old_run_resumes_with_its_recorded_settings_and_refuses_a_changed_recipe(pixel_latents, tmp_path):
     """A run folder written before the optimizer section and the clip default of 0: its recorded
     adam_betas, weight_decay and grad_clip 1.0 stay in force on resume, and a recipe whose lr differs

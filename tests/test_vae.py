@@ -69,7 +69,8 @@ def test_pixel_is_the_identity_with_zero_std() -> None:
     assert (ae.kind, ae.scaling_factor, ae.latent_channels, ae.downsample) == ("pixel", 1.0, 3, 1)
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, std = ae.encode_moments(pixels)
-    assert torch.equal(mean, pixels) and torch.count_nonzero(std) == 0
+    assert torch.equal(mean, pixels)
+    assert torch.count_nonzero(std) == 0
     assert torch.equal(ae.decode(pixels), pixels)
 
 
@@ -78,7 +79,8 @@ def test_offline_hub_id_fails_at_once_naming_the_id_and_the_fix(monkeypatch: pyt
     with pytest.raises(UserError) as err:
         load_autoencoder("some-org/some-vae-that-is-not-cached", device="cpu")
     message = str(err.value)
-    assert "some-org/some-vae-that-is-not-cached" in message and "--vae DIR" in message
+    assert "some-org/some-vae-that-is-not-cached" in message
+    assert "--vae DIR" in message
 
 
 def test_hub_probe_failure_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +126,8 @@ def test_maskdit_pth_encodes_and_decodes_as_the_official_autoencoder(tmp_path: P
     ae = load_autoencoder(str(pth), device="cpu", config=config)
     assert (ae.kind, ae.spec, ae.config_dir) == ("autoencoder-kl", str(pth.resolve()), str(pth.parent.resolve()) if config is None else str(config.resolve()))
     assert (ae.scaling_factor, ae.latent_shape(16)) == (pytest.approx(0.18215), (4, 4, 4))
-    assert not ae.module.training and not any(p.requires_grad for p in ae.module.parameters())
+    assert not ae.module.training
+    assert not any(p.requires_grad for p in ae.module.parameters())
     mean, std = ae.encode_moments(tensors["input.pixels"])
     _close_to_scale(mean, tensors["encode.mean"])
     _close_to_scale(std, tensors["encode.std"])
@@ -175,8 +178,11 @@ def test_bad_pth_is_one_sentence_naming_the_file_and_the_fix(tmp_path: Path, con
     with pytest.raises(UserError) as err:
         load_autoencoder(str(bad), device="cpu")
     message = str(err.value)
-    assert str(bad) in message and phrase in message and "autoencoder_kl.pth or another LDM-format" in message
-    assert "\n" not in message and message.endswith(".")
+    assert str(bad) in message
+    assert phrase in message
+    assert "autoencoder_kl.pth or another LDM-format" in message
+    assert "\n" not in message
+    assert message.endswith(".")
 
 
 def test_tiny_pth_without_its_config_names_vae_config(tmp_path: Path) -> None:
