@@ -75,8 +75,8 @@ docs-check: setup ## the manual builds with --strict and its CLI reference match
 	@diff -q docs/cli.md $(VENV)/cli-reference.md >/dev/null || { echo "error: docs/cli.md is stale; run make docs and commit it" >&2; exit 1; }
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
-lint: setup ## ruff over the package, tools and tests
-	$(VENV)/bin/ruff check mdt tools tests
+lint: setup ## ruff over the package, tools, experiments and tests
+	$(VENV)/bin/ruff check mdt tools experiments tests
 
 # Every stage takes a recipe (PIPELINE=pipelines/x.yaml: its encode:/train:/sample:/fid: section)
 # and/or variables; a variable given on the command line wins over the recipe.
@@ -96,19 +96,19 @@ train: setup ## train with DeepSpeed: PIPELINE= and/or DATA= MODEL= OUT=, [DS_CO
 		$(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out $(OUT)) $(if $(DS_CONFIG),--deepspeed-config $(DS_CONFIG)) \
 		$(if $(STEPS),--steps $(STEPS)) $(if $(RESUME),--resume $(RESUME)) $(TRAIN_ARGS)
 
-bench-model: setup ## forward+backward throughput of every family (tools/bench_model.py, JSON lines)
-	$(PY) tools/bench_model.py $(BENCH_ARGS)
+bench-model: setup ## forward+backward throughput of every family (tools/benchmarks/bench_model.py, JSON lines)
+	$(PY) tools/benchmarks/bench_model.py $(BENCH_ARGS)
 
-bench-train: setup ## whole training-step throughput (tools/bench_train.py, JSON lines)
-	$(PY) tools/bench_train.py $(BENCH_ARGS)
+bench-train: setup ## whole training-step throughput (tools/benchmarks/bench_train.py, JSON lines)
+	$(PY) tools/benchmarks/bench_train.py $(BENCH_ARGS)
 
 # gpu-check: on a GPU machine, GPU_OUT=folder; here, GPU_CHECK_ARGS=--dry-run runs every part at size T.
 GPU_OUT ?= gpu-check
-gpu-check: ## the GPU check (tools/gpu_check.sh): CUDA tests, XL/2 throughput, memory, a table
-	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.sh $(GPU_OUT) $(GPU_CHECK_ARGS)
+gpu-check: ## the GPU check (tools/gpu/gpu_check.sh): CUDA tests, XL/2 throughput, memory, a table
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) tools/gpu/gpu_check.sh $(GPU_OUT) $(GPU_CHECK_ARGS)
 
-gpu-wheels: setup ## the wheels tools/gpu_check.sh installs on a bare GPU machine, into .whl/
-	tools/prepare_gpu_wheels.sh
+gpu-wheels: setup ## the wheels tools/gpu/gpu_check.sh installs on a bare GPU machine, into .whl/
+	tools/gpu/prepare_gpu_wheels.sh
 
 check-readme: setup ## every command line in the README parses; the benchmarks run at size T
 	$(PY) tools/check_readme_commands.py
@@ -173,7 +173,7 @@ demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU
 # compare: DiT, MDTv2 and MaskDiT for the same training wall-clock each, through mdt train/sample/fid.
 # No DATA: the demo's data (built in DEMO, or reused); with DATA, REF= held-out images for the FID.
 compare: setup ## the three families at one wall-clock budget: val loss and FID vs time, [DATA= REF= SIZE= BUDGET= OUT=]
-	$(PY) tools/compare_families.py $(if $(DATA),--data "$(DATA)") $(if $(REF),--ref "$(REF)") --demo "$(DEMO)" \
+	$(PY) experiments/compare_families.py $(if $(DATA),--data "$(DATA)") $(if $(REF),--ref "$(REF)") --demo "$(DEMO)" \
 		$(if $(SIZE),--size $(SIZE)) $(if $(BUDGET),--budget-seconds $(BUDGET)) $(if $(OUT),--out "$(OUT)") $(COMPARE_ARGS)
 
 .PHONY: help setup test lint encode-latents train bench-model bench-train sample fid demo compare gpu-check gpu-wheels check-readme

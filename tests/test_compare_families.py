@@ -1,4 +1,4 @@
-"""tools/compare_families.py end to end at its smallest: three families, a few seconds of training each."""
+"""experiments/compare_families.py end to end at its smallest: three families, a few seconds of training each."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from helpers import ONE_THREAD, REPO_ROOT, run_cli, run_python
 
 pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
 
-TOOL = REPO_ROOT / "tools" / "compare_families.py"
+TOOL = REPO_ROOT / "experiments" / "compare_families.py"
 FAMILIES = ["DiT", "MDTv2", "MaskDiT"]
 
 

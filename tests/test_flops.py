@@ -62,8 +62,8 @@ def test_stats_count_what_a_real_cpu_pass_computes(name: str, ratio: float) -> N
 
 @pytest.mark.parametrize("name", ["DiT-T/2", "MDT-T/2", "MaskDiT-T/2"])  # fixed mask ratios
 def test_a_training_step_costs_the_sum_of_its_passes(name: str) -> None:
-    """What tools/bench_train.py reports: the objective's forward + backward, pass by pass."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    """What tools/benchmarks/bench_train.py reports: the objective's forward + backward, pass by pass."""
+    sys.path.insert(0, str(REPO_ROOT / "tools" / "benchmarks"))
     from benchmark_utils import pass_flops, step_pass_ratios
 
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def test_mdt_models_prints_the_stats_of_every_preset() -> None:
 
 
 def run_bench(script: str, *args: str, sizes_flag: str = "--sizes") -> dict[str, list[dict]]:
-    result = run_python(f"tools/{script}", sizes_flag, "T", "--batch", "2", "--warmup", "0", "--repeats", "1",
+    result = run_python(f"tools/benchmarks/{script}", sizes_flag, "T", "--batch", "2", "--warmup", "0", "--repeats", "1",
                         *args, env=ONE_THREAD, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures: dict[str, list[dict]] = {}
@@ -112,7 +112,7 @@ def fwd_bwd_gflops(name: str, *ratios: float) -> float:
 
 @pytest.mark.slow
 def test_bench_model_reports_what_a_real_pass_computes() -> None:
-    """tools/bench_model.py's FLOPs per image are those of a real forward + backward counted here, and
+    """tools/benchmarks/bench_model.py's FLOPs per image are those of a real forward + backward counted here, and
     DiT's forward is its closed form."""
     figures = run_bench("bench_model.py", "--families", "DiT", "MDT", "MDTv2", "MaskDiT")
     passes = {(r["model"], r["mask_ratio"]): r for r in figures["model_pass"]}

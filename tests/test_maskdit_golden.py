@@ -1,5 +1,5 @@
 """Golden tests against the official MaskDiT code (Anima-Lab/MaskDiT 73cfb96, fixtures made by
-tools/make_maskdit_fixtures.py with every tensor random): `mdt import` of its EDMPrecond state_dict
+tests/fixtures/make_maskdit_fixtures.py with every tensor random): `mdt import` of its EDMPrecond state_dict
 gives the official network F (with and without a mask) and D, the EDM loss terms, and the Heun
 sampler's trajectories, unguided, guided and with churn."""
 

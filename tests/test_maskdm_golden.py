@@ -1,5 +1,5 @@
 """Golden tests against the official MaskDM code (jiachenlei/maskdm 0e79a60, fixtures made by
-tools/make_maskdm_fixtures.py with every parameter random): `mdt import` of its checkpoints gives the
+tests/fixtures/make_maskdm_fixtures.py with every parameter random): `mdt import` of its checkpoints gives the
 official U-ViT's outputs (unconditional and conditional, unmasked and on the official visible set),
 the MDSM pre-training and DSM fine-tuning losses, the official DDIM sampler (`--sampler maskdm-ddim`) step
 for step, and the sizes of the official MaskDM models."""

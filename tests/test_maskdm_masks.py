@@ -1,5 +1,5 @@
 """MaskDM's masks and settings: each strategy draws masks with the official generators' statistics
-(tests/fixtures/official/maskdm_masks.json, made by tools/make_maskdm_fixtures.py from
+(tests/fixtures/official/maskdm_masks.json, made by tests/fixtures/make_maskdm_fixtures.py from
 jiachenlei/maskdm's datasets/masking_generator.py), and settings that cannot hold are refused in
 one sentence."""
 

@@ -207,7 +207,7 @@ def test_parameter_counts_match_papers(name, published):
 
 @pytest.mark.parametrize("name", ["DiT-XL/2", "MDT-XL/2", "MDTv2-XL/2"])
 def test_parameter_counts_equal_the_official_code(name):
-    """Against the official models built on the meta device (tools/make_official_fixtures.py). The
+    """Against the official models built on the meta device (tests/fixtures/make_official_fixtures.py). The
     official relative-position tables have 3 unused rows per attention layer; DiT's fixed position
     embedding is a parameter there and a buffer here."""
     official = json.loads((Path(__file__).parent / "fixtures/official/param_counts.json").read_text())

@@ -1,7 +1,7 @@
 """Golden tests against the official DiT, MDT (v1) and MDTv2 code.
 
 The fixtures in tests/fixtures/official/ were made by the official repositories' own code with
-seeded random values in every tensor (tools/make_official_fixtures.py names the commits). Each
+seeded random values in every tensor (tests/fixtures/make_official_fixtures.py names the commits). Each
 official state_dict goes through `mdt import` in the formats the official code saves, and the
 imported model must give the official outputs; the losses and the DDPM/DDIM samplers must give
 the official values on the same inputs and noise.

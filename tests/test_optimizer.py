@@ -1,5 +1,5 @@
 """The optimizer factory, and Adan golden against the official sail-sg/Adan (2c65bea, fixture made by
-tools/make_adan_fixtures.py): clipping the global gradient norm to 1 (what DeepSpeed's gradient_clipping
+tests/fixtures/make_adan_fixtures.py): clipping the global gradient norm to 1 (what DeepSpeed's gradient_clipping
 does) and then stepping timm's Adan follows the official Adan(max_grad_norm=1) trajectory step for step."""
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_tiny_runs_in_every_training_mode_stay_close_to_fp32(pixel_latents, tmp_
     from fp32 (autocast ran), keep fp32 weights in the module DeepSpeed checkpoints, and amp-fp16 logs
     the GradScaler's scale (amp-bf16 needs none)."""
     losses, records = {}, {}
-    for mode in ("fp32", "amp-bf16", "amp-fp16"):
+    for mode in ("fp32", "tf32", "amp-bf16", "amp-fp16"):
         run = tmp_path / mode
         assert_ok(run_cli(*train_args(pixel_latents, run, "MDTv2-T/2", 3, "--precision", mode), env=ENV,
                           timeout=200))
@@ -91,5 +91,7 @@ def test_tiny_runs_in_every_training_mode_stay_close_to_fp32(pixel_latents, tmp_
         assert np.all(np.isfinite(losses[mode]))
         assert np.any(losses[mode][1:] != losses["fp32"][1:]), mode
         np.testing.assert_allclose(losses[mode], losses["fp32"], rtol=0.05)
+    # TF32 exists on CUDA only: on a CPU the tf32 mode computes fp32 bit for bit (bf16: test_train.py).
+    np.testing.assert_array_equal(losses["tf32"], losses["fp32"])
     assert all(r["loss_scale"] > 1 for r in records["amp-fp16"])
     assert all("loss_scale" not in r for r in records["amp-bf16"] + records["fp32"])

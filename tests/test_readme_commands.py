@@ -35,7 +35,7 @@ def test_a_rejected_flag_fails_the_check(tmp_path: Path) -> None:
         "P=pipelines/demo.yaml\n"
         "mdt sample --ckpt run --out x --num-sample 5      # a misspelt flag\n"
         'make bench-train BENCH_ARGS="--dtypo bf16"\n'
-        "python tools/bench_model.py --batch eight\n"
+        "python tools/benchmarks/bench_model.py --batch eight\n"
         "torchrun --nproc_per_node 2 --nodez 2 -m mdt.cli train --config $P\n"
         "make train PIPELINE=$P TRAIN_ARGS='--set lr=1e-4'\n"
         "```\n\n"

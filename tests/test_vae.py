@@ -1,7 +1,7 @@
 """The autoencoder loader: every way of naming a VAE, the pixel identity, and offline failures.
 
 MaskDiT's autoencoder_kl.pth path is checked against tests/fixtures/official/maskdit_vae.* (made by
-tools/make_maskdit_vae_fixtures.py with the official Anima-Lab/MaskDiT autoencoder.py).
+tests/fixtures/make_maskdit_vae_fixtures.py with the official Anima-Lab/MaskDiT autoencoder.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # typer vendors its own click: the usage errors its parser raises derive from this class, not click's.
 USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 # The benchmarks run at the tiny size: flags given last override the README's (argparse keeps the last).
-RUNNABLE = ("tools/bench_model.py", "tools/bench_train.py")
+RUNNABLE = ("tools/benchmarks/bench_model.py", "tools/benchmarks/bench_train.py")
 SMALL = ["--sizes", "T", "--device", "cpu", "--batch", "2", "--warmup", "0", "--repeats", "1"]
 
 
@@ -152,14 +152,14 @@ def tool_parser(script: str) -> argparse.ArgumentParser:
         raise _Parsed
 
     argparse.ArgumentParser.parse_args = capture
-    sys.path.insert(0, str(REPO / "tools"))
+    sys.path.insert(0, str((REPO / script).parent))
     try:
         runpy.run_path(str(REPO / script), run_name="__main__")
     except _Parsed:
         pass
     finally:
         argparse.ArgumentParser.parse_args = original
-        sys.path.remove(str(REPO / "tools"))
+        sys.path.remove(str((REPO / script).parent))
     if not captured:
         raise RuntimeError(f"{script} parsed no arguments")
     return captured[0]

@@ -93,7 +93,7 @@ def _xformers_bias(bias: torch.Tensor, batch: int, q: torch.Tensor) -> torch.Ten
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The written-out product. On CPU, SDPA falls back to its math kernel for a bias that needs
-    gradients, and these three ops are faster than that kernel (tools/bench_model.py)."""
+    gradients, and these three ops are faster than that kernel (tools/benchmarks/bench_model.py)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + bias  # (B, H, N, N)
     return scores.softmax(dim=-1) @ v
 

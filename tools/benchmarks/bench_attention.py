@@ -6,8 +6,8 @@ SDPA, xformers (when its kernels run on this device), FlexAttention; the forward
 its backward (FlexAttention has no CPU backward). One JSON line per backend and pass, then the
 ratios to SDPA.
 
-    python tools/bench_attention.py --device cuda --precision bf16
-    python tools/bench_attention.py --batch 2 --tokens 64             # CPU, forward + SDPA backward
+    python tools/benchmarks/bench_attention.py --device cuda --precision bf16
+    python tools/benchmarks/bench_attention.py --batch 2 --tokens 64             # CPU, forward + SDPA backward
 """
 
 from __future__ import annotations

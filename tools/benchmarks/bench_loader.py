@@ -6,7 +6,7 @@ measures, in this process, batches of scaled latents per second for several work
 a straightforward WebDataset pipeline doing the same work (tarfile_to_samples, shuffle, np.load,
 torch posterior sampling) as the baseline. One JSON line per figure, then the ratios.
 
-    python tools/bench_loader.py --samples 8000 --latent 4x32x32 --flip --batch-size 256
+    python tools/benchmarks/bench_loader.py --samples 8000 --latent 4x32x32 --flip --batch-size 256
 """
 
 from __future__ import annotations

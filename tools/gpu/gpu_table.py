@@ -1,6 +1,6 @@
-"""The short table tools/gpu_check.sh ends with: its JSON lines, against the GPU targets.
+"""The short table tools/gpu/gpu_check.sh ends with: its JSON lines, against the GPU targets.
 
-    python tools/gpu_table.py OUT        # OUT: the folder gpu_check.sh wrote
+    python tools/gpu/gpu_table.py OUT        # OUT: the folder gpu_check.sh wrote
 """
 
 from __future__ import annotations

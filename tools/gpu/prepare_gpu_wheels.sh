@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Wheels for tools/gpu_check.sh: what a lent GPU machine lacks, for its Python, into .whl/ (ignored).
+# Wheels for tools/gpu/gpu_check.sh: what a GPU machine without package-index access lacks, for its
+# Python, into .whl/ (ignored by git).
 #
-# Run here, on a CPU machine with the project's venv (`make setup`) and the package index reachable:
-#     tools/prepare_gpu_wheels.sh            # PYTHON_VERSION=3.12 WHEELS=.whl by default
-# The GPU image already has torch, numpy, scipy, pillow, pytest, typer, safetensors, psutil, ... (its
-# package list: /work/.library/device/KINDS.md); these are the rest, at the versions this venv runs.
-# DeepSpeed is built here as a pure-Python wheel (DS_BUILD_OPS=0), as `make setup` installs it.
-# The folder must stay under the device tool's 64 MiB per call.
+# Run on a CPU machine with the project's venv (`make setup`) and the package index reachable:
+#     tools/gpu/prepare_gpu_wheels.sh            # PYTHON_VERSION=3.12 WHEELS=.whl by default
+# The GPU machine is assumed to have torch, numpy, scipy, pillow, pytest, typer, safetensors and
+# psutil (a usual CUDA image); these are the rest, at the versions this venv runs. DeepSpeed is
+# built here as a pure-Python wheel (DS_BUILD_OPS=0), as `make setup` installs it. The folder stays
+# small (about 12 MB) so it can travel with the repository copy to the GPU machine.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 WHEELS=${WHEELS:-.whl}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}

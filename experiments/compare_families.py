@@ -11,8 +11,8 @@ at the same network evaluations per sample (DDIM for the DDPM models, EDM's Heun
 scored with `mdt fid` against held-out images. Families take turns segment by segment, so a load
 spike on a shared machine does not fall on one family alone.
 
-    python tools/compare_families.py                          # the demo's data and size (builds demo/ if needed)
-    python tools/compare_families.py --data latents/x --ref images/val --size S --budget-seconds 3600
+    python experiments/compare_families.py                          # the demo's data and size (builds demo/ if needed)
+    python experiments/compare_families.py --data latents/x --ref images/val --size S --budget-seconds 3600
 
 Writes --out (JSON lines, one per family per evaluation point and one summary per family, written
 whole at the end: an interrupted comparison leaves no partial file) and a PNG beside it; the lines

@@ -6,10 +6,10 @@ attention included), achieved FLOP/s and its fraction of the peak,
 ratio lines (MaskDiT masked vs unmasked, MDTv2 masked vs full against the token count), and
 attention with vs without relative bias. Everything is measured in this one process run.
 
-    python tools/bench_model.py                       # CPU: S/2, batch 8, fp32
-    python tools/bench_model.py --device cuda --dtype bf16 --sizes S XL --batch 32
+    python tools/benchmarks/bench_model.py                       # CPU: S/2, batch 8, fp32
+    python tools/benchmarks/bench_model.py --device cuda --dtype bf16 --sizes S XL --batch 32
 
-The flags are those of tools/bench_train.py (`make bench-model BENCH_ARGS=...`).
+The flags are those of tools/benchmarks/bench_train.py (`make bench-model BENCH_ARGS=...`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ files already in the page cache; the best of --repeats runs counts.
 
 Prints one JSON line per figure (images/s per configuration), then the ratios.
 
-    python tools/bench_encode.py --images 160 --resolution 256 --vae tiny --workers 2
-    python tools/bench_encode.py --images 24 --resolution 128 --vae sd-arch   # SD-VAE-sized, random weights
+    python tools/benchmarks/bench_encode.py --images 160 --resolution 256 --vae tiny --workers 2
+    python tools/benchmarks/bench_encode.py --images 24 --resolution 128 --vae sd-arch   # SD-VAE-sized, random weights
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mdt.data.encode import EncodeConfig, encode_dataset
 from mdt.data.images import center_crop_adm
 from mdt.vae import load_autoencoder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample" / "train"
 
 # SD-VAE's architecture (stabilityai/sd-vae-ft-ema config.json), built locally with random weights:

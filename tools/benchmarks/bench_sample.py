@@ -6,8 +6,8 @@ weights. The VAE decode is left out (it is the same for every sampler). Also tim
 forwards of the guided batch shape, so each sampler's overhead beyond the network shows as a ratio.
 Prints one JSON line per figure, all measured in this one process run.
 
-    python tools/bench_sample.py                                  # CPU: S/2, batch 4, 10 steps
-    python tools/bench_sample.py --device cuda --model DiT-XL/2 --batch 32 --precision bf16 --steps 50
+    python tools/benchmarks/bench_sample.py                                  # CPU: S/2, batch 4, 10 steps
+    python tools/benchmarks/bench_sample.py --device cuda --model DiT-XL/2 --batch 32 --precision bf16 --steps 50
 """
 
 from __future__ import annotations

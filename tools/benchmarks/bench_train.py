@@ -7,10 +7,10 @@ peak memory; FLOPs counted as `mdt models` counts them, attention included), whe
 and the same forward+backward on the bare module without DeepSpeed), and the ratios the targets
 are stated in, beside the ratios the FLOP counts allow.
 
-    python tools/bench_train.py                                     # CPU, S/2, batch 8, fp32
-    python tools/bench_train.py --device cuda --dtype bf16 --sizes S XL --batch 32
+    python tools/benchmarks/bench_train.py                                     # CPU, S/2, batch 8, fp32
+    python tools/benchmarks/bench_train.py --device cuda --dtype bf16 --sizes S XL --batch 32
 
-The flags are those of tools/bench_model.py (`make bench-train BENCH_ARGS=...`); `--precision` and
+The flags are those of tools/benchmarks/bench_model.py (`make bench-train BENCH_ARGS=...`); `--precision` and
 `--size` are accepted as aliases of `--dtype` and `--sizes`.
 """
 
