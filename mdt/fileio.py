@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written artifact under its final name."""
+"""Artifact files: atomic writes (a reader never sees a half-written file under its final name), and
+JSON records read back with one sentence when they are not what they should be."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from mdt.errors import UserError
 
 
 @contextlib.contextmanager
@@ -48,3 +51,14 @@ def merge_json(path: str | os.PathLike[str], updates: dict[str, Any]) -> dict[st
     current.update(updates)
     write_json(path, current)
     return current
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; unreadable, invalid or not an object: one sentence ending in `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} could not be read as JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; {fix}")
+    return data

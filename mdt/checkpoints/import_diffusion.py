@@ -12,7 +12,6 @@ pipeline's `scheduler/scheduler_config.json`, DiT's when there is none.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mdt.diffusion.edm import EDMConfig
 from mdt.diffusion.process import DiffusionConfig, diffusion_from_dict
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
+from mdt.fileio import read_json_object
 
 _DIT_DDPM = {"formulation": "ddpm", "num_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
              "beta_end": 0.02, "prediction_type": "epsilon"}
@@ -64,13 +64,7 @@ def _read_scheduler_config(folder: Path) -> dict[str, Any] | None:
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} could not be read as JSON ({err}); re-download the pipeline") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-download the pipeline")
-    return config
+    return read_json_object(path, "re-download the pipeline")
 
 
 def diffusers_schedule(folder: Path) -> dict[str, Any]:

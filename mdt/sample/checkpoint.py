@@ -7,7 +7,6 @@ including the VAE). A training run folder holds its latest export at `RUN/ema/`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from mdt.diffusion.process import DiffusionConfig, diffusion_from_dict
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
+from mdt.fileio import read_json_object
 from mdt.models.io import CONFIG as MODEL_CONFIG
 from mdt.models.io import WEIGHTS as MODEL_FILE
 from mdt.models.io import check_format
@@ -65,13 +65,7 @@ def resolve_export_dir(path: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} could not be read as JSON ({err}); re-export the checkpoint.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-export the checkpoint.")
-    return data
+    return read_json_object(path, "re-export the checkpoint.")
 
 
 def _read_diffusion(path: Path, family: str | None) -> DiffusionConfig:
