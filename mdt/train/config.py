@@ -84,6 +84,10 @@ class TrainConfig:
             raise UserError("no training data given; pass --data LATENTS (a folder written by `mdt encode`)")
         if not self.out:
             raise UserError("no run folder given; pass --out RUN")
+        for section in ("optimizer", "ema_warmup", "model_options", "objective", "diffusion"):
+            if not isinstance(getattr(self, section), dict):
+                raise UserError(f"{section} must be a section of key: value settings, not "
+                                f"{getattr(self, section)!r} (set one key with --set {section}.KEY=VALUE)")
         checks = [
             (self.steps > 0, "steps must be positive"),
             (isinstance(self.max_wall_seconds, (int, float)) and not isinstance(self.max_wall_seconds, bool)
@@ -111,8 +115,8 @@ class TrainConfig:
             if not ok:
                 raise UserError(f"{message} (check the recipe's train: section and the command-line flags)")
         # Defaults filled in, so the run's config.yaml records every value it trained with.
-        self.optimizer = {**dataclasses.asdict(self.optimizer_config()),
-                          "betas": list(self.optimizer_config().betas)}
+        optimizer = self.optimizer_config()
+        self.optimizer = {**dataclasses.asdict(optimizer), "betas": list(optimizer.betas)}
 
     def optimizer_config(self) -> OptimizerConfig:
         unknown = set(self.optimizer) - {f.name for f in dataclasses.fields(OptimizerConfig)}
