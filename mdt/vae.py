@@ -29,7 +29,7 @@ import torch
 
 from mdt.distributed import default_device
 from mdt.errors import UserError
-from mdt.vae_ldm import TORCH_SUFFIXES, load_ldm_file
+from mdt.vae_ldm import TORCH_SUFFIXES, first_line, load_ldm_file
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 PIXEL_SPEC = "pixel"
@@ -196,7 +196,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(
-            f"--vae {folder}: could not load an AutoencoderKL from this folder ({_first_line(err)}); "
+            f"--vae {folder}: could not load an AutoencoderKL from this folder ({first_line(err)}); "
             "point it at a folder written by AutoencoderKL.save_pretrained."
         ) from err
 
@@ -226,7 +226,7 @@ def _load_single_file(
             )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(
-            f"--vae {path}: could not load it with the config in {config_dir} ({_first_line(err)}); "
+            f"--vae {path}: could not load it with the config in {config_dir} ({first_line(err)}); "
             "check that --vae-config matches this checkpoint."
         ) from err
     return module, str(config_dir.resolve())
@@ -251,7 +251,7 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> torch.nn.Module:
         return autoencoder_kl.from_pretrained(repo_id, **_load_kwargs(dtype))
     except OSError as err:
         raise UserError(
-            f"--vae {repo_id}: could not load it from the hub ({_first_line(err)}); "
+            f"--vae {repo_id}: could not load it from the hub ({first_line(err)}); "
             f"check the id, or {offline_hint}."
         ) from err
 
@@ -271,8 +271,3 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -70,7 +70,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from err
     except Exception as err:  # torch raises many kinds on a file that is not its format at all
         raise UserError(
-            f"--vae {path}: not a torch file that loads with weights_only=True ({_first_line(err)}); {_FIX}."
+            f"--vae {path}: not a torch file that loads with weights_only=True ({first_line(err)}); {_FIX}."
         ) from err
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # LDM training checkpoints nest the weights here
@@ -102,7 +102,7 @@ def _convert(path: Path, state: dict[str, torch.Tensor], config) -> dict[str, to
     try:
         converted = convert_ldm_vae_checkpoint(state, config)
     except (KeyError, IndexError, AttributeError, TypeError) as err:
-        raise UserError(f"--vae {path}: its keys are not an LDM AutoencoderKL's ({_first_line(err)}); {_FIX}.") from err
+        raise UserError(f"--vae {path}: its keys are not an LDM AutoencoderKL's ({first_line(err)}); {_FIX}.") from err
     # The helper maps absent keys to None; leave them out so they are reported as missing.
     return {k: v for k, v in converted.items() if v is not None}
 
@@ -123,6 +123,7 @@ def _mismatch(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
     return "; ".join(parts)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for a one-sentence error."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -1,5 +1,5 @@
 """Checks before training: the data fits the model, the weights come from the same autoencoder, a
-resume keeps the settings that fix the data stream; and the model config and shard split they imply."""
+resume keeps the settings it was trained with; and the model config and shard split they imply."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ from pathlib import Path
 from mdt.data.manifest import Manifest
 from mdt.errors import UserError
 from mdt.models import ModelConfig, model_config, read_model_config
-from mdt.train.config import TrainConfig
+from mdt.train.config import TrainConfig, check_unchanged
 from mdt.train.run_dir import RunDir, load_run_config
-
-# Settings that fix which batches each step sees: a resume with other values would silently train on
-# another stream than the uninterrupted run (the loader worker count does not matter).
-STREAM_SETTINGS = ("micro_batch", "grad_accum", "seed")
 
 
 def check_data_matches_model(manifest: Manifest, cfg: ModelConfig) -> None:
@@ -48,13 +44,8 @@ def check_same_autoencoder(recorded: dict, manifest: Manifest, source: Path) -> 
 
 
 def check_resume_settings(run: RunDir, cfg: TrainConfig, recorded_world: int | None, world: int) -> None:
-    saved = load_run_config(run.root)
-    for key in STREAM_SETTINGS:
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise UserError(f"--resume {run.root}: {key} is {getattr(cfg, key)} but the run was trained with "
-                            f"{saved[key]}, so the batches after the resume point would differ from the "
-                            f"uninterrupted run's; resume with {key}={saved[key]}, or start a new run with "
-                            f"--init-from {run.root}")
+    # The same check resolve_config makes for the CLI, for callers of train() that built cfg themselves.
+    check_unchanged(cfg, load_run_config(run.root))
     if recorded_world is not None and recorded_world != world:
         raise UserError(f"--resume {run.root}: the run was trained on {recorded_world} processes and this launch "
                         f"has {world}; the optimizer's ZeRO partitions and the data split depend on it: launch "

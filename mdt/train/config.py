@@ -193,11 +193,12 @@ def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
     apply_overrides(cfg, overrides, "the command line")
     cfg.validate()
     if base:
-        _check_unchanged(cfg, base)
+        check_unchanged(cfg, base)
     return cfg
 
 
-def _check_unchanged(cfg: TrainConfig, base: dict[str, Any]) -> None:
+def check_unchanged(cfg: TrainConfig, base: dict[str, Any]) -> None:
+    """A resume of the run that recorded `base` computes what it did: only RESUME_CHANGEABLE may differ."""
     recorded = apply_overrides(TrainConfig(), base, "the run's config.yaml")
     recorded.validate()
     before, after = recorded.to_dict(), cfg.to_dict()

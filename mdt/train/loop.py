@@ -349,8 +349,8 @@ def _train_record(step: int, window: Window, parts: Parts, clock_seconds: float)
               "wall_time_s": clock_seconds}
     if parts.masked is not None:
         record["mask_ratio"] = parts.masked.mask_ratio
-    if engine.loss_scale() is not None:
-        record["loss_scale"] = engine.loss_scale()
+    if (scale := engine.loss_scale()) is not None:
+        record["loss_scale"] = scale
     return record
 
 
