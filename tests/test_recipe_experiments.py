@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO_ROOT
 from typer.testing import CliRunner
 
@@ -147,3 +148,19 @@ def test_ema_warmup_follows_ema_pytorch() -> None:
     assert ema.decay_at(1100) == pytest.approx(1 - 1001 ** (-2 / 3))
     assert ema.decay_at(40_000) == 0.999
     assert EMA([], 0.999).decay_at(0) == 0.999  # no warm-up: the constant decay from the first step
+
+
+def test_ema_warmup_matches_ema_pytorch_step_for_step() -> None:
+    """Golden against ema_pytorch 0.8.3 as MaskDM's main.py builds it (tests/fixtures/make_ema_fixtures.py):
+    the copy phase, the warm-up decay and their hand-over, over 260 steps of a random walk."""
+    from safetensors.torch import load_file
+
+    fixture = load_file(str(REPO_ROOT / "tests" / "fixtures" / "official" / "maskdm_ema.safetensors"))
+    names = ("weight", "bias")
+    ema = EMA([fixture[f"initial.{n}"].clone() for n in names], 0.999, update_after_step=100, inv_gamma=1.0,
+              power=2 / 3)
+    steps = fixture["online.weight"].shape[0]
+    for step in range(steps):
+        ema.update([fixture[f"online.{n}"][step] for n in names], step)
+        for name, shadow in zip(names, ema.shadow, strict=True):
+            torch.testing.assert_close(shadow, fixture[f"ema.{name}"][step], rtol=1e-6, atol=1e-6)
