@@ -14,11 +14,15 @@ from pathlib import Path
 import typer
 
 from mdt.cli_checkpoints import export_command, import_command
-from mdt.cli_common import RECIPE_HELP, require, with_recipe
+from mdt.cli_common import RECIPE_HELP, command_flags, command_settings, setting
 from mdt.cli_eval import fid_command, fid_ref_command
 from mdt.cli_recipe import recipe_command
+from mdt.data.encode import EncodeConfig
+from mdt.data.shapes import ShapesConfig
 from mdt.distributed import print0
 from mdt.errors import UserError
+from mdt.sample.config import SampleConfig
+from mdt.train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 120},  # option help beside the flag, not in a narrow column
@@ -49,33 +53,36 @@ def models_command() -> None:
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    data: str = typer.Option(None, help="latent dataset folder written by `mdt encode`"),
-    model: str = typer.Option(None, help="model preset, e.g. MDTv2-XL/2 (see `mdt models`)"),
-    out: str = typer.Option(None, help="run folder to create"),
+    data: str = setting(TrainConfig, "data", "latent dataset folder written by `mdt encode`"),
+    model: str = setting(TrainConfig, "model", "model preset, e.g. MDTv2-XL/2 (see `mdt models`)"),
+    out: str = setting(TrainConfig, "out", "run folder to create"),
     config: Path = typer.Option(None, help="recipe YAML (pipelines/*.yaml); flags override its train: section"),
     deepspeed: bool = typer.Option(True, "--deepspeed", help="train through DeepSpeed (the only engine; accepted "
                                    "so DeepSpeed-style launch lines work)"),
-    deepspeed_config: str = typer.Option(None, help="ZeRO config JSON, e.g. deepspeed_configs/zero2.json"),
-    steps: int = typer.Option(None, help="optimizer steps to train to"),
-    max_wall_seconds: float = typer.Option(None, help="stop (and checkpoint) at the first step at which the run's "
-                                           "training time reached this many seconds; 0: no budget"),
-    micro_batch: int = typer.Option(None, help="samples per rank per micro-step"),
-    grad_accum: int = typer.Option(None, help="micro-steps per optimizer step"),
-    lr: float = typer.Option(None, help="peak learning rate"),
-    ckpt_every: int = typer.Option(None, help="checkpoint every K steps"),
-    val_every: int = typer.Option(None, help="validation loss every K steps (needs val_shards)"),
-    val_shards: int = typer.Option(None, help="hold out the last N shards for validation"),
-    log_every: int = typer.Option(None, help="log every K steps"),
-    seed: int = typer.Option(None, help="seed of weights, data order and noise"),
-    precision: str = typer.Option(None, help="fp32 | tf32 | amp-bf16 | amp-fp16 | bf16 | auto (mdt.precision)"),
-    num_workers: int = typer.Option(None, help="data loader workers per rank"),
+    deepspeed_config: str = setting(TrainConfig, "deepspeed_config", "ZeRO config JSON"),
+    steps: int = setting(TrainConfig, "steps", "optimizer steps to train to"),
+    max_wall_seconds: float = setting(TrainConfig, "max_wall_seconds", "stop (and checkpoint) at the first step at "
+                                      "which the run's training time reached this many seconds; 0: no budget"),
+    micro_batch: int = setting(TrainConfig, "micro_batch", "samples per rank per micro-step"),
+    grad_accum: int = setting(TrainConfig, "grad_accum", "micro-steps per optimizer step"),
+    lr: float = setting(TrainConfig, "lr", "peak learning rate"),
+    ckpt_every: int = setting(TrainConfig, "ckpt_every", "checkpoint every K steps"),
+    val_every: int = setting(TrainConfig, "val_every", "validation loss every K steps (needs val_shards)"),
+    val_shards: int = setting(TrainConfig, "val_shards", "hold out the last N shards for validation"),
+    log_every: int = setting(TrainConfig, "log_every", "log every K steps"),
+    seed: int = setting(TrainConfig, "seed", "seed of weights, data order and noise"),
+    precision: str = setting(TrainConfig, "precision", "fp32 | tf32 | amp-bf16 | amp-fp16 | bf16 | auto "
+                             "(mdt.precision)"),
+    num_workers: int = setting(TrainConfig, "num_workers", "data loader workers per rank"),
     resume: str = typer.Option(None, help="continue the run in this folder from its latest checkpoint"),
-    init_from: str = typer.Option(None, help="start from a run/checkpoint/export's weights (unmask tuning)"),
-    mask_schedule: str = typer.Option(None, help="unmask tuning: none | zero | cosine"),
-    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="also log to RUN/tensorboard"),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
-                                 "yes, on the CPU no)"),
-    progress: bool = typer.Option(None, "--progress/--no-progress", help="show a progress bar (rank 0)"),
+    init_from: str = setting(TrainConfig, "init_from", "start from a run/checkpoint/export's weights (unmask "
+                             "tuning)"),
+    mask_schedule: str = setting(TrainConfig, "mask_schedule", "unmask tuning: none | zero | cosine"),
+    tensorboard: bool = setting(TrainConfig, "tensorboard", "also log to RUN/tensorboard",
+                                "--tensorboard/--no-tensorboard"),
+    compile: bool = setting(TrainConfig, "compile", "torch.compile the model (default: on CUDA yes, on the CPU no)",
+                            "--compile/--no-compile"),
+    progress: bool = setting(TrainConfig, "progress", "show a progress bar (rank 0)", "--progress/--no-progress"),
     set_: list[str] = typer.Option([], "--set", help="any other setting, key=value (e.g. objective.mask_ratio=0.4)"),
     local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
@@ -83,18 +90,9 @@ def train_command(
     from mdt.train import TrainingError, resolve_config, train
     from mdt.train.run_dir import load_run_config
 
-    # Every option but these is a TrainConfig field of the same name; None: not given on the command line.
-    overrides = {k: v for k, v in ctx.params.items() if k not in ("config", "deepspeed", "resume", "set_", "local_rank")}
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r} must look like key=value")
-        overrides[key] = value
-    base = None
-    if resume:
-        base = load_run_config(Path(resume))
-        overrides["out"] = resume
-    cfg = resolve_config(config, overrides, base=base)
+    base = load_run_config(Path(resume)) if resume else None
+    flags = {**command_flags(ctx), **({"out": resume} if resume else {})}
+    cfg = resolve_config(config, flags, base=base, sets=set_)
     try:
         result = train(cfg, resume=bool(resume))
     except TrainingError as err:
@@ -113,39 +111,27 @@ app.add_typer(data_app, name="data")
 @app.command("encode")
 def encode_command(
     ctx: typer.Context,
-    input: str = typer.Argument(
-        None,
-        help="ImageFolder root (ROOT/<class>/<image>), tar shards ('imgs-{000..009}.tar') or a file listing tars.",
-    ),
-    out: str = typer.Argument(None, help="Output folder for the latent shards and manifest.json."),
+    input: str = setting(EncodeConfig, "input", "ImageFolder root (ROOT/<class>/<image>), tar shards "
+                         "('imgs-{000..009}.tar') or a file listing tars.", argument=True),
+    out: str = setting(EncodeConfig, "out", "Output folder for the latent shards and manifest.json.", argument=True),
     config: Path = typer.Option(None, help=RECIPE_HELP + " (encode:)"),
-    resolution: int = typer.Option(256, help="Image side after the ADM center crop; a multiple of 8."),
-    vae: str = typer.Option(
-        "stabilityai/sd-vae-ft-ema", help="Hub id, local diffusers folder, .safetensors or LDM .pth file (MaskDiT's autoencoder_kl.pth), or 'pixel'."
-    ),
-    vae_config: str | None = typer.Option(
-        None, help="Folder with the config.json for a single .safetensors --vae (default: the file's folder)."
-    ),
-    shard_size: int = typer.Option(1000, help="Images per output shard."),
-    flip: bool = typer.Option(False, "--flip", help="Also encode the horizontal flip of every image."),
-    batch_size: int = typer.Option(32, help="Images per VAE call."),
-    workers: int | None = typer.Option(
-        None, help="DataLoader workers decoding images (default: cores per rank - 1)."
-    ),
-    class_list: str | None = typer.Option(
-        None, help="Text file with one class name per line, in label order."
-    ),
-    device: str | None = typer.Option(None, help="Torch device (default: this rank's GPU, else CPU)."),
-    progress: bool = typer.Option(True, help="Show a progress bar per rank."),
+    resolution: int = setting(EncodeConfig, "resolution", "Image side after the ADM center crop; a multiple of 8."),
+    vae: str = setting(EncodeConfig, "vae", "Hub id, local diffusers folder, .safetensors or LDM .pth file "
+                       "(MaskDiT's autoencoder_kl.pth), or 'pixel'."),
+    vae_config: str = setting(EncodeConfig, "vae_config", "Folder with the config.json for a single .safetensors "
+                              "--vae (default: the file's folder)."),
+    shard_size: int = setting(EncodeConfig, "shard_size", "Images per output shard."),
+    flip: bool = setting(EncodeConfig, "flip", "Also encode the horizontal flip of every image.", "--flip/--no-flip"),
+    batch_size: int = setting(EncodeConfig, "batch_size", "Images per VAE call."),
+    workers: int = setting(EncodeConfig, "workers", "DataLoader workers decoding images (default: cores per rank - 1)."),
+    class_list: str = setting(EncodeConfig, "class_list", "Text file with one class name per line, in label order."),
+    device: str = setting(EncodeConfig, "device", "Torch device (default: this rank's GPU, else CPU)."),
+    progress: bool = setting(EncodeConfig, "progress", "Show a progress bar per rank.", "--progress/--no-progress"),
 ) -> None:
     """Encode images into WebDataset shards of VAE latents (resumable; run under torchrun for many GPUs)."""
-    from mdt.data.encode import EncodeConfig, encode_dataset
+    from mdt.data.encode import encode_dataset
 
-    values = with_recipe(ctx, config, "encode")
-    require(values, "input", "INPUT", "input images")
-    require(values, "out", "OUT", "output folder")
-    values["input"], values["output"] = str(values["input"]), str(values.pop("out"))
-    encode_dataset(EncodeConfig(**values))
+    encode_dataset(command_settings(ctx, EncodeConfig, "encode"))
 
 
 @data_app.command("verify")
@@ -179,56 +165,40 @@ def data_info_command(data_dir: str = typer.Argument(..., help="A folder written
 @app.command("sample")
 def sample_command(
     ctx: typer.Context,
-    ckpt: Path = typer.Option(None, help="Training run folder (uses RUN/ema) or EMA export folder."),
-    out: Path = typer.Option(None, help="Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
+    ckpt: Path = setting(SampleConfig, "ckpt", "Training run folder (uses RUN/ema) or EMA export folder."),
+    out: Path = setting(SampleConfig, "out", "Output folder: {i:06d}.png, samples.npz, grid.png, sample_config.json."),
     config: Path = typer.Option(None, help=RECIPE_HELP + " (sample:)"),
-    num_samples: int = typer.Option(50_000, help="Samples 0..N-1 to have in --out (existing ones are kept)."),
-    sampler: str = typer.Option("ddpm", help="ddpm (ancestral, learned variance) | ddim | dpm++; edm-heun for EDM "
-                                             "models (MaskDiT); maskdm-ddim for pixel models (MaskDM's eval.py DDIM)."),
-    steps: int | None = typer.Option(None, help="Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++, 40 edm-heun, "
-                                                "250 maskdm-ddim."),
-    eta: float | None = typer.Option(None, help="DDIM's eta (0 = deterministic); default 0 for ddim, 1 for maskdm-ddim."),
-    churn: float = typer.Option(0.0, help="edm-heun: EDM's S_churn (0 = deterministic; EDM's ImageNet S_min/max/noise)."),
-    spacing: str | None = typer.Option(None, help="Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's 'ddimN' "
-                                                  "stride) | linspace (MaskDM's); default linspace for maskdm-ddim, "
-                                                  "else even."),
-    cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale w; 1 disables guidance."),
-    cfg_schedule: str = typer.Option("constant", help="constant | power-cosine (MDT: w_t ramps from 1 to w)."),
-    cfg_power: float = typer.Option(4.0, help="Exponent s of the power-cosine schedule."),
-    cfg_channels: int | None = typer.Option(
-        None, help="Guide only the first N latent channels (3 reproduces DiT/MDT); default all."
-    ),
-    classes: str = typer.Option("random", help="random | balanced | comma list of class indices, e.g. 207,980."),
-    seed: int = typer.Option(0, help="Sample i depends only on (seed, i)."),
-    batch_size: int = typer.Option(32, help="Samples per forward pass on each process."),
-    vae: str | None = typer.Option(None, help="Override the VAE recorded in the checkpoint's data manifest."),
-    precision: str = typer.Option("fp32", help="fp32 | tf32 | amp-bf16 | amp-fp16 (bf16 = amp-bf16 here)"),
-    device: str | None = typer.Option(None, help="Torch device; default cuda:LOCAL_RANK if available, else cpu."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA "
-                                 "yes, on the CPU no)"),
+    num_samples: int = setting(SampleConfig, "num_samples", "Samples 0..N-1 to have in --out (existing ones are "
+                               "kept)."),
+    sampler: str = setting(SampleConfig, "sampler", "ddpm (ancestral, learned variance) | ddim | dpm++; edm-heun for "
+                           "EDM models (MaskDiT); maskdm-ddim for pixel models (MaskDM's eval.py DDIM)."),
+    steps: int = setting(SampleConfig, "steps", "Sampling steps; default 250 ddpm, 50 ddim, 25 dpm++, 40 edm-heun, "
+                         "250 maskdm-ddim."),
+    eta: float = setting(SampleConfig, "eta", "DDIM's eta (0 = deterministic); default 0 for ddim, 1 for "
+                         "maskdm-ddim."),
+    churn: float = setting(SampleConfig, "churn", "edm-heun: EDM's S_churn (0 = deterministic; EDM's ImageNet "
+                           "S_min/max/noise)."),
+    spacing: str = setting(SampleConfig, "spacing", "Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's "
+                           "'ddimN' stride) | linspace (MaskDM's); default linspace for maskdm-ddim, else even."),
+    cfg_scale: float = setting(SampleConfig, "cfg_scale", "Classifier-free guidance scale w; 1 disables guidance."),
+    cfg_schedule: str = setting(SampleConfig, "cfg_schedule", "constant | power-cosine (MDT: w_t ramps from 1 to w)."),
+    cfg_power: float = setting(SampleConfig, "cfg_power", "Exponent s of the power-cosine schedule."),
+    cfg_channels: int = setting(SampleConfig, "cfg_channels", "Guide only the first N latent channels (3 reproduces "
+                                "DiT/MDT); default all."),
+    classes: str = setting(SampleConfig, "classes", "random | balanced | comma list of class indices, e.g. 207,980."),
+    seed: int = setting(SampleConfig, "seed", "Sample i depends only on (seed, i)."),
+    batch_size: int = setting(SampleConfig, "batch_size", "Samples per forward pass on each process."),
+    vae: str = setting(SampleConfig, "vae", "Override the VAE recorded in the checkpoint's data manifest."),
+    precision: str = setting(SampleConfig, "precision", "fp32 | tf32 | amp-bf16 | amp-fp16 (bf16 = amp-bf16 here)"),
+    device: str = setting(SampleConfig, "device", "Torch device; default cuda:LOCAL_RANK if available, else cpu."),
+    compile: bool = setting(SampleConfig, "compile", "torch.compile the model (default: on CUDA yes, on the CPU no)",
+                            "--compile/--no-compile"),
+    progress: bool = setting(SampleConfig, "progress", "Show a progress bar (rank 0).", "--progress/--no-progress"),
 ) -> None:
     """Sample images from a checkpoint, guided, on one or many processes (torchrun)."""
-    from mdt.sample.guidance import GuidanceConfig
-    from mdt.sample.run import SampleConfig, run_sampling
+    from mdt.sample.run import run_sampling
 
-    v = with_recipe(ctx, config, "sample")
-    require(v, "ckpt", "--ckpt", "checkpoint")
-    require(v, "out", "--out", "output folder")
-    if v["cfg_schedule"] not in ("constant", "power-cosine"):
-        raise UserError(f"--cfg-schedule {v['cfg_schedule']!r} is unknown; choose constant or power-cosine.")
-    guidance = GuidanceConfig(scale=float(v["cfg_scale"]), schedule=v["cfg_schedule"], power=float(v["cfg_power"]),
-                              channels=v["cfg_channels"])
-    if isinstance(v["classes"], list):  # a recipe may list the classes as YAML
-        v["classes"] = ",".join(str(c) for c in v["classes"])
-    result = run_sampling(
-        SampleConfig(
-            ckpt=Path(v["ckpt"]), out=Path(v["out"]), num_samples=v["num_samples"], sampler=v["sampler"],
-            steps=v["steps"], spacing=v["spacing"], eta=None if v["eta"] is None else float(v["eta"]),
-            churn=float(v["churn"]), guidance=guidance, classes=str(v["classes"]), seed=v["seed"],
-            batch_size=v["batch_size"], vae=v["vae"], precision=v["precision"], device=v["device"],
-            compile=v["compile"],
-        )
-    )
+    result = run_sampling(command_settings(ctx, SampleConfig, "sample"))
     print0(
         f"{result.num_samples} samples in {result.out} ({result.generated} new, "
         f"{result.images_per_second:.2f} images/s)"
@@ -238,22 +208,22 @@ def sample_command(
 @app.command("shapes")
 def shapes_command(
     ctx: typer.Context,
-    out: Path = typer.Argument(None, help="Folder to write OUT/train/<class>/*.png and OUT/val/<class>/*.png into."),
+    out: Path = setting(ShapesConfig, "out", "Folder to write OUT/train/<class>/*.png and OUT/val/<class>/*.png into.",
+                        argument=True),
     config: Path = typer.Option(None, help=RECIPE_HELP + " (shapes:)"),
-    size: int = typer.Option(16, help="Image side in pixels."),
-    train_per_class: int = typer.Option(400, help="Training images per class."),
-    val_per_class: int = typer.Option(50, help="Held-out images per class (classifier and FID reference)."),
-    seed: int = typer.Option(0, help="Image (split, class, i) depends only on this seed."),
+    size: int = setting(ShapesConfig, "size", "Image side in pixels."),
+    train_per_class: int = setting(ShapesConfig, "train_per_class", "Training images per class."),
+    val_per_class: int = setting(ShapesConfig, "val_per_class", "Held-out images per class (classifier and FID "
+                                 "reference)."),
+    seed: int = setting(ShapesConfig, "seed", "Image (split, class, i) depends only on this seed."),
 ) -> None:
     """Draw the built-in class-conditional dataset (coloured shapes): data for the demo, no download."""
-    from mdt.data.shapes import SHAPE_CLASSES, ShapesConfig, write_shapes_dataset
+    from mdt.data.shapes import SHAPE_CLASSES, write_shapes_dataset
 
-    v = with_recipe(ctx, config, "shapes")
-    require(v, "out", "OUT", "output folder")
-    counts = write_shapes_dataset(ShapesConfig(out=Path(v["out"]), size=v["size"], seed=v["seed"],
-                                               train_per_class=v["train_per_class"],
-                                               val_per_class=v["val_per_class"]))
-    typer.echo(f"{v['out']}: {counts['train']} train and {counts['val']} val images of {len(SHAPE_CLASSES)} classes")
+    settings = command_settings(ctx, ShapesConfig, "shapes")
+    counts = write_shapes_dataset(settings)
+    typer.echo(f"{settings.out}: {counts['train']} train and {counts['val']} val images of {len(SHAPE_CLASSES)} "
+               "classes")
 
 
 classifier_app = typer.Typer(no_args_is_help=True,

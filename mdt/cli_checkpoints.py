@@ -24,7 +24,7 @@ def import_command(
     from mdt.checkpoints.import_diffusion import describe
     from mdt.checkpoints.importing import import_checkpoint
     from mdt.diffusion.edm import EDMConfig
-    from mdt.sample.checkpoint import read_checkpoint
+    from mdt.checkpoints.export_folder import read_checkpoint
 
     config = import_checkpoint(src, out, model=model, sets=set_, input_size=input_size, num_classes=num_classes,
                                trust_pickle=trust_pickle)

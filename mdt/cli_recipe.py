@@ -1,7 +1,7 @@
 """`mdt recipe PIPELINE`: every stage's settings as a run would use them, as JSON, starting nothing.
 
-Each stage command's defaults come from the command itself (its typer options, read through click),
-so what this prints cannot drift from what `mdt encode/train/sample/fid --config PIPELINE` does.
+Each stage is resolved by the function its command uses (mdt.settings, and the trainer's resolve_config),
+from the same settings dataclass, so what this prints cannot drift from what `mdt STAGE --config PIPELINE` does.
 """
 
 from __future__ import annotations
@@ -14,53 +14,38 @@ import typer
 
 from mdt.errors import UserError
 
-# The recipe sections that stage commands read; `train` is resolved by the trainer's own function.
-STAGES = ("shapes", "encode", "train", "sample", "fid", "classifier")
-_NOT_SETTINGS = {"config", "local_rank", "set_", "resume", "deepspeed"}
+
+def _settings_classes() -> dict[str, type]:
+    """The settings dataclass of each stage command, the one the command itself resolves."""
+    from mdt.data.encode import EncodeConfig
+    from mdt.data.shapes import ShapesConfig
+    from mdt.eval.fid import FidConfig
+    from mdt.sample.config import SampleConfig
+
+    return {"shapes": ShapesConfig, "encode": EncodeConfig, "sample": SampleConfig, "fid": FidConfig}
 
 
-def command_defaults(command: Any) -> dict[str, Any]:
-    """The values a command uses for options nobody gave (typer keeps them on its click parameters)."""
-    return {p.name: p.default for p in command.params if p.name not in _NOT_SETTINGS}
+STAGES = ("shapes", "encode", "train", "sample", "fid")
 
 
-def _sample_fill_ins(values: dict[str, Any]) -> dict[str, Any]:
-    """The steps, spacing and eta the sampler picks when the recipe leaves them out."""
-    from mdt.sample.run import DEFAULT_STEPS
-    from mdt.sample.samplers import ETA_SAMPLERS
-
-    sampler = values.get("sampler")
-    if sampler not in DEFAULT_STEPS:
-        raise UserError(f"sample: sampler {sampler!r} is unknown; use one of {', '.join(DEFAULT_STEPS)}")
-    filled = dict(values)
-    filled["steps"] = values.get("steps") or DEFAULT_STEPS[sampler]
-    filled["spacing"] = values.get("spacing") or ("linspace" if sampler == "maskdm-ddim" else "even")
-    if values.get("eta") is None:
-        filled["eta"] = ETA_SAMPLERS.get(sampler)
-    return filled
-
-
-def resolve_recipe(path: Path, commands: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{stage: settings} for every stage section the recipe has."""
-    from mdt.recipe import load_recipe, merge_section
+def resolve_recipe(path: Path) -> dict[str, dict[str, Any]]:
+    """{stage: settings} for every stage section the recipe has, resolved as `mdt STAGE --config PATH` does."""
+    from mdt.recipe import load_recipe
+    from mdt.settings import resolve_settings, settings_dict
     from mdt.train.config import resolve_config
 
     recipe = load_recipe(path)
     unknown = sorted(set(recipe) - set(STAGES))
     if unknown:
         raise UserError(f"recipe {path} has unknown section(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    classes = _settings_classes()
     resolved: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
-        if stage not in recipe:
-            continue
+    for stage in (s for s in STAGES if s in recipe):
         if stage == "train":
             resolved[stage] = resolve_config(path, {}).to_dict()
             continue
-        command = commands[stage]
-        if hasattr(command, "commands"):  # a group: `mdt classifier train` reads the classifier: section
-            command = command.commands["train"]
-        values = merge_section(path, stage, command_defaults(command), given=set())
-        resolved[stage] = _sample_fill_ins(values) if stage == "sample" else values
+        settings = resolve_settings(classes[stage], stage, recipe=path)
+        resolved[stage] = settings.to_dict() if hasattr(settings, "to_dict") else settings_dict(settings)
     return resolved
 
 
@@ -75,9 +60,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def recipe_command(
-    ctx: typer.Context,
     pipeline: Path = typer.Argument(..., help="recipe YAML (pipelines/*.yaml)"),
 ) -> None:
     """Print every stage's resolved settings (defaults filled in) as JSON; starts nothing."""
-    commands = ctx.find_root().command.commands  # the stage commands of the `mdt` group
-    typer.echo(json.dumps(_jsonable(resolve_recipe(pipeline, commands)), indent=2))
+    typer.echo(json.dumps(_jsonable(resolve_recipe(pipeline)), indent=2))

@@ -3,7 +3,7 @@
     shapes:  / encode:  / train:  / sample:  / fid:  / classifier:
 
 Each command reads its own section; a flag given on the command line wins over the recipe, and
-the recipe wins over the command's default. Keys are the command's option names with
+the recipe wins over the command's default (mdt.settings). Keys are the command's option names with
 underscores (`cfg_scale`, `num_samples`).
 """
 
@@ -36,15 +36,3 @@ def recipe_section(path: str | Path, name: str) -> dict[str, Any]:
         raise UserError(f"recipe {path}: {name}: must be a mapping of settings")
     return section
 
-
-def merge_section(path: str | Path | None, name: str, values: dict[str, Any], given: set[str]) -> dict[str, Any]:
-    """`values` (a command's options) with the recipe's `name:` section filled in for every option the
-    user did not give; an unknown key in the section is an error naming the known ones."""
-    if path is None:
-        return values
-    section = recipe_section(path, name)
-    unknown = sorted(set(section) - set(values))
-    if unknown:
-        raise UserError(f"recipe {path}: {name}: has unknown setting(s) {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(values))}")
-    return {**values, **{k: v for k, v in section.items() if k not in given}}

@@ -59,7 +59,7 @@ def encoded_flip(
     encode_dataset(
         EncodeConfig(
             input=str(session_image_tree),
-            output=str(out),
+            out=str(out),
             resolution=64,
             vae=str(tiny_vae_dir),
             shard_size=3,
@@ -87,7 +87,7 @@ def pixel_latents(tmp_path_factory) -> Path:
             base[..., c % 3] = 60 + 60 * c
             pixels = np.clip(base + rng.integers(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.png")
-    encode_dataset(EncodeConfig(input=str(root / "images"), output=str(root / "latents"), resolution=8,
+    encode_dataset(EncodeConfig(input=str(root / "images"), out=str(root / "latents"), resolution=8,
                                 vae="pixel", shard_size=8, workers=0, progress=False))
     return root / "latents"
 

@@ -29,7 +29,7 @@ from mdt.vae import load_autoencoder
 def encode(input_dir: Path, out: Path, vae: str, **options) -> None:
     settings = dict(resolution=64, shard_size=3, batch_size=4, workers=0, progress=False)
     settings.update(options)
-    encode_dataset(EncodeConfig(input=str(input_dir), output=str(out), vae=vae, **settings))
+    encode_dataset(EncodeConfig(input=str(input_dir), out=str(out), vae=vae, **settings))
 
 
 def test_plan_is_deterministic_and_split_by_rank() -> None:

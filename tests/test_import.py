@@ -148,7 +148,7 @@ def test_an_import_samples_and_fine_tunes_through_the_cli(tmp_path: Path, tiny_v
         folder.mkdir(parents=True)
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    encode_dataset(EncodeConfig(input=str(tmp_path / "images"), output=str(tmp_path / "latents"), resolution=64,
+    encode_dataset(EncodeConfig(input=str(tmp_path / "images"), out=str(tmp_path / "latents"), resolution=64,
                                 vae=str(tiny_vae_dir), shard_size=10, workers=0, progress=False))
     result = run_cli("train", "--data", str(tmp_path / "latents"), "--model", "MDTv2-T/2", "--init-from",
                      str(tmp_path / "mdtv2"), "--out", str(tmp_path / "run"), "--steps", "2", "--micro-batch", "4",

@@ -29,9 +29,10 @@ from mdt.cli import app
 from mdt.errors import UserError
 from mdt.models import load_pretrained, save_pretrained
 from mdt.models.embeddings import sincos_pos_embed_2d
-from mdt.sample.checkpoint import read_checkpoint
+from mdt.checkpoints.export_folder import read_checkpoint
+from mdt.sample.config import DEFAULT_STEPS, SampleConfig
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
-from mdt.sample.run import DEFAULT_STEPS, SampleConfig, _validate
+from mdt.sample.run import _validate
 from mdt.sample.samplers import SAMPLERS, Churn
 
 # DiT's create_diffusion defaults, which MDT and MDTv2 keep: what their checkpoints were trained with.

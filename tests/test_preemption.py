@@ -84,7 +84,7 @@ def latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(8):
             pixels = np.clip(40 * c + rng.integers(0, 80, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / "images" / f"class{c}" / f"{i}.png")
-    encode_dataset(EncodeConfig(input=str(root / "images"), output=str(root / "latents"), resolution=8,
+    encode_dataset(EncodeConfig(input=str(root / "images"), out=str(root / "latents"), resolution=8,
                                 vae="pixel", shard_size=8, workers=0, progress=False))
     return root / "latents"
 

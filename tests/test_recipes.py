@@ -3,6 +3,7 @@ resolves to a valid configuration of a known model."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,16 @@ import typer.main
 from helpers import REPO_ROOT, run_cli
 
 from mdt.cli import app
+from mdt.cli_common import NOT_SETTINGS
+from mdt.data.encode import EncodeConfig
+from mdt.data.shapes import ShapesConfig
 from mdt.errors import UserError
+from mdt.eval.fid import FidConfig
 from mdt.models.registry import model_config
-from mdt.recipe import load_recipe, merge_section
-from mdt.train.config import resolve_config
+from mdt.recipe import load_recipe
+from mdt.sample.config import SampleConfig
+from mdt.settings import resolve_settings
+from mdt.train.config import TrainConfig, resolve_config
 
 RECIPES = sorted((REPO_ROOT / "pipelines").glob("*.yaml"))
 SECTION_COMMANDS = {"shapes": ["shapes"], "encode": ["encode"], "sample": ["sample"], "fid": ["fid"]}
@@ -45,14 +52,32 @@ def test_recipe_sections_are_known_to_their_commands(recipe: Path) -> None:
     assert cfg.out
 
 
-def test_a_flag_wins_over_the_recipe_and_unknown_keys_are_refused(tmp_path: Path) -> None:
+def test_settings_resolve_defaults_then_recipe_then_flags_then_sets(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("sample:\n  cfg_scale: 4.0\n  steps: 10\n")
-    merged = merge_section(recipe, "sample", {"cfg_scale": 1.5, "steps": 20, "seed": 0}, given={"steps"})
-    assert merged == {"cfg_scale": 4.0, "steps": 20, "seed": 0}
+    recipe.write_text("sample:\n  cfg_scale: 4\n  steps: 10\n  seed: 5\n  classes: [1, 2]\n")
+    settings = resolve_settings(SampleConfig, "sample", recipe=recipe, flags={"steps": 20, "cfg_scale": None},
+                                sets=["seed=7"])
+    assert settings.cfg_scale == 4.0  # the recipe's, as a float
+    assert isinstance(settings.cfg_scale, float)
+    assert settings.steps == 20  # the flag wins over the recipe
+    assert settings.seed == 7  # --set wins over both
+    assert settings.num_samples == SampleConfig().num_samples  # the default
+    assert resolve_settings(SampleConfig, "sample", flags={"ckpt": "run"}).ckpt == Path("run")  # typed as a path
     recipe.write_text("sample:\n  cfg_scael: 4.0\n")
     with pytest.raises(UserError, match="cfg_scael"):
-        merge_section(recipe, "sample", {"cfg_scale": 1.5}, given=set())
+        resolve_settings(SampleConfig, "sample", recipe=recipe)
+
+
+@pytest.mark.parametrize(("command", "settings_cls"), [("sample", SampleConfig), ("encode", EncodeConfig),
+                                                      ("fid", FidConfig), ("shapes", ShapesConfig),
+                                                      ("train", TrainConfig)])
+def test_each_option_is_a_field_of_its_commands_settings(command: str, settings_cls: type) -> None:
+    """A flag, a recipe key and a settings field share one name, so a setting can be followed to its use."""
+    options = _options([command]) - NOT_SETTINGS
+    fields = {f.name for f in dataclasses.fields(settings_cls)}
+    assert options <= fields
+    if command != "train":  # the trainer's sections and rarer settings are reached with --set
+        assert fields == options
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_init_from_a_run_at_another_resolution_names_the_resolutions(pixel_laten
     save_pretrained(create_model("DiT-T/2", input_size=8, in_channels=3, num_classes=4), export)
     (export / "data_manifest.json").write_text((pixel_latents / "manifest.json").read_text())
     data16 = tmp_path / "latents16"
-    encode_dataset(EncodeConfig(input=str(pixel_latents.parent / "images"), output=str(data16), resolution=16,
+    encode_dataset(EncodeConfig(input=str(pixel_latents.parent / "images"), out=str(data16), resolution=16,
                                 vae="pixel", shard_size=8, workers=0, progress=False))
     result = run_cli(*train_args(data16, tmp_path / "run", "DiT-T/2", 2, "--init-from", str(export), input_size=16),
                      env=ENV, timeout=200)
@@ -283,7 +283,7 @@ def test_recipe_then_flags_override(tmp_path):
     cfg = resolve_config(recipe, {"lr": "3e-4", "objective.mae_weight": "0.2"})
     assert (cfg.lr, cfg.objective) == (3e-4, {"mask_ratio": 0.4, "mae_weight": 0.2})
     recipe.write_text("train:\n  data: /d\n  out: /o\n  learning_rate: 1\n")
-    with pytest.raises(UserError, match="unknown training setting 'learning_rate'"):
+    with pytest.raises(UserError, match="unknown setting 'learning_rate' in recipe"):
         resolve_config(recipe, {})
 
 

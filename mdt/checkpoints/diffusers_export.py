@@ -29,7 +29,7 @@ def export_diffusers_pipeline(source: str | Path, out: str | Path, *, vae: str |
 
     from mdt.diffusion.schedule import make_betas
     from mdt.models.diffusers_dit import to_diffusers
-    from mdt.sample.checkpoint import read_checkpoint
+    from mdt.checkpoints.export_folder import read_checkpoint
     from mdt.vae import load_autoencoder
 
     out = Path(out)

@@ -25,12 +25,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mdt.checkpoints.export_folder import write_export
 from mdt.checkpoints.import_diffusion import diffusers_schedule, imported_diffusion
 from mdt.checkpoints.official import read_official, to_mdt_state_dict
 from mdt.errors import UserError
-from mdt.fileio import write_json
 from mdt.models.config import ModelConfig
-from mdt.models.io import save_pretrained
 from mdt.models.registry import FAMILY_NAMES, model_config
 from mdt.models.registry import build_model as build_family_model
 from mdt.models.transformer import DiffusionTransformer
@@ -201,10 +200,9 @@ def import_checkpoint(source: Path, out: Path, *, model: str, sets: list[str] = 
     staging = out.with_name(f".{out.name}.importing")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_pretrained(network, staging)
-        write_json(staging / "diffusion.json", diffusion.to_dict())
-        write_json(staging / "import.json", {"source": str(source.resolve()), "format": fmt, "read": what,
-                                             "vae": "not recorded: pass --vae to mdt sample"})
+        write_export(staging, network, diffusion.to_dict(),
+                     imported_from={"source": str(source.resolve()), "format": fmt, "read": what,
+                                    "vae": "not recorded: pass --vae to mdt sample"})
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

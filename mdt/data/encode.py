@@ -64,10 +64,10 @@ RANK_WAIT_MINUTES = 24 * 60
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    """Settings of one `mdt encode` run (the CLI's options, one to one)."""
+    """Settings of one `mdt encode` run: the CLI's options and a recipe's encode: keys, one to one."""
 
-    input: str
-    output: str
+    input: str = ""  # an ImageFolder root, tar shards ('imgs-{000..009}.tar') or a file listing tars
+    out: str = ""
     resolution: int = 256
     vae: str = DEFAULT_VAE
     vae_config: str | None = None
@@ -99,11 +99,11 @@ def default_workers() -> int:
 
 
 def encode_dataset(config: EncodeConfig) -> EncodeSummary:
-    """Encode `config.input` into latent shards in `config.output`; run on every rank alike.
+    """Encode `config.input` into latent shards in `config.out`; run on every rank alike.
     One encode per folder at a time (a second is refused, naming the first)."""
     _validate(config)
     distributed.init(timeout_minutes=RANK_WAIT_MINUTES)
-    out = Path(config.output)
+    out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT {out}: is a file, not a folder; choose a folder for the latent shards.")
     with exclusive_folder(out, "OUT"):
@@ -164,6 +164,10 @@ def _max_over_ranks(value: float) -> float:
 
 
 def _validate(config: EncodeConfig) -> None:
+    if not config.input:
+        raise UserError("no input images given; pass INPUT or set input: in the recipe's encode: section")
+    if not config.out:
+        raise UserError("no output folder given; pass OUT or set out: in the recipe's encode: section")
     if config.resolution <= 0 or config.resolution % 8:
         raise UserError(f"--resolution {config.resolution}: use a positive multiple of 8 (e.g. 256 or 512).")
     if config.shard_size <= 0:

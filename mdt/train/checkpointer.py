@@ -12,7 +12,8 @@ from mdt import distributed
 from mdt.train.clock import RunClock
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine
-from mdt.train.run_dir import RunDir, replace_folder, tag_for, write_export
+from mdt.checkpoints.export_folder import write_export
+from mdt.train.run_dir import RunDir, replace_folder, tag_for
 
 
 class TrainingError(RuntimeError):
@@ -43,8 +44,10 @@ class Checkpointer:
                 ema_weights = self.engine.full_fp32_params()
             if distributed.is_main():
                 folder = run.checkpoints / tag
-                write_export(folder / "ema", self.model, ema_weights, self.diffusion, self.data_manifest)
-                write_export(folder / "weights", self.model, weights, self.diffusion, self.data_manifest)
+                write_export(folder / "ema", self.model, self.diffusion, weights=ema_weights,
+                             data_manifest=self.data_manifest)
+                write_export(folder / "weights", self.model, self.diffusion, weights=weights,
+                             data_manifest=self.data_manifest)
             distributed.barrier()  # every rank's optimizer partition is on disk
             if distributed.is_main():
                 run.record_files(tag)

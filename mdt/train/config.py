@@ -1,8 +1,9 @@
-"""Training configuration: defaults, a recipe's `train:` section, then command-line overrides."""
+"""Training configuration: the fields of a run, their checks, and what a resume may change."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import yaml
 
 from mdt.errors import UserError
 from mdt.precision import PRECISIONS
-from mdt.recipe import recipe_section
+from mdt.settings import apply_settings, parse_value, resolve_settings
 from mdt.train.optimizer import OptimizerConfig
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -79,7 +80,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if isinstance(self.compile, str):  # `--set compile=true`, or `compile: auto` in a recipe
-            self.compile = None if self.compile == "auto" else _parse("compile", self.compile)
+            self.compile = None if self.compile == "auto" else parse_value("compile", self.compile)
         if not self.data:
             raise UserError("no training data given; pass --data LATENTS (a folder written by `mdt encode`)")
         if not self.out:
@@ -139,58 +140,16 @@ class TrainConfig:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _parse(key: str, value: Any) -> Any:
-    """Command-line strings become YAML scalars (`--set objective.mask_ratio=0.4` gives 0.4)."""
-    if not isinstance(value, str):
-        return value
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise UserError(f"cannot parse the value of '{key}': {value!r} ({err})") from err
-    if isinstance(parsed, str):  # YAML reads "1e-4" as a string
-        try:
-            return float(parsed)
-        except ValueError:
-            return parsed
-    return parsed
-
-
-def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
-    """Set fields from `overrides`; dotted keys (`objective.mask_ratio`) reach into dict fields."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        key = OLD_NAMES.get(key, key)
-        head, _, sub = key.partition(".")
-        if head not in fields:
-            raise UserError(f"unknown training setting '{key}' in {source}; known: {', '.join(sorted(fields))}")
-        current = getattr(cfg, head)
-        if sub:
-            if not isinstance(current, dict):
-                raise UserError(f"'{head}' in {source} is not a section, so '{key}' cannot be set")
-            current[sub] = _parse(key, value)
-        elif isinstance(current, str) or current is None:
-            setattr(cfg, head, value)  # strings stay strings ("1e-4" as a path, say)
-        else:
-            setattr(cfg, head, _parse(key, value))
-    return cfg
-
-
-def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
-                   base: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- `base` (a saved run config, on resume) <- the recipe's train: section <- overrides.
+def resolve_config(recipe_path: str | Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None,
+                   sets: Iterable[str] = ()) -> TrainConfig:
+    """Defaults <- `base` (a saved run config, on resume) <- the recipe's train: section <- flags <- `--set`
+    (mdt.settings, as every command resolves its settings).
 
     On resume a recipe or flag may change only RESUME_CHANGEABLE: a resumed run trains with the settings
     it recorded, so a later edit of the recipe (or of mdt's defaults) never changes it silently.
     """
-    cfg = TrainConfig()
-    if base:
-        apply_overrides(cfg, base, "the run's config.yaml")
-    if recipe_path is not None:
-        section = recipe_section(recipe_path, "train")
-        apply_overrides(cfg, section, str(recipe_path))
-    apply_overrides(cfg, overrides, "the command line")
+    cfg = resolve_settings(TrainConfig, "train", recipe=recipe_path, flags=flags, sets=sets, base=base,
+                           aliases=OLD_NAMES)
     cfg.validate()
     if base:
         check_unchanged(cfg, base)
@@ -199,7 +158,7 @@ def resolve_config(recipe_path: str | Path | None, overrides: dict[str, Any],
 
 def check_unchanged(cfg: TrainConfig, base: dict[str, Any]) -> None:
     """A resume of the run that recorded `base` computes what it did: only RESUME_CHANGEABLE may differ."""
-    recorded = apply_overrides(TrainConfig(), base, "the run's config.yaml")
+    recorded = apply_settings(TrainConfig(), base, "the run's config.yaml", OLD_NAMES)
     recorded.validate()
     before, after = recorded.to_dict(), cfg.to_dict()
     for key, value in after.items():

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mdt import distributed
+from mdt.checkpoints.export_folder import MANIFEST_FILE
 from mdt.compiling import maybe_compile
 from mdt.data.manifest import Manifest, read_manifest
 from mdt.data.reader import LatentLoader
@@ -158,7 +159,7 @@ def _find_origin(cfg: TrainConfig, run: RunDir, resume: bool, manifest: Manifest
                         "or choose another --out")
     elif cfg.init_from:
         weights, ema = resolve_init_source(cfg.init_from)
-        recorded = ema / "data_manifest.json"
+        recorded = ema / MANIFEST_FILE
         if recorded.is_file():
             check_same_autoencoder(read_json(recorded), manifest, ema)
         else:  # an imported official checkpoint: its VAE is not on record

@@ -9,8 +9,7 @@
     RUN/checkpoints/step_00001000/        DeepSpeed state (exact resume) + ema/ + weights/
     RUN/checkpoints/step_00001000/files.json   every file of the checkpoint and its size, written last
 
-An export folder holds model.safetensors + model_config.json (rebuild the model alone),
-diffusion.json (the noise schedule) and data_manifest.json (the VAE to decode with).
+The ema/ and weights/ folders are export folders (mdt.checkpoints.export_folder).
 A checkpoint counts only once its files.json and then LATEST.json are written, so a crash during a
 save leaves the previous one in charge; a resume checks the files against files.json and falls
 back to the newest checkpoint that is whole (a file truncated or lost later, e.g. by a full disk).
@@ -27,15 +26,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mdt.checkpoints.export_folder import MANIFEST_FILE
 from mdt.errors import UserError
 from mdt.fileio import write_json
-from mdt.models import save_pretrained
 from mdt.models.io import WEIGHTS
 
 LATEST = "LATEST.json"
 FILES = "files.json"
-DIFFUSION = "diffusion.json"
-DATA_MANIFEST = "data_manifest.json"
 
 
 def tag_for(step: int) -> str:
@@ -60,7 +57,7 @@ class RunDir:
 
     @property
     def data_manifest(self) -> Path:
-        return self.root / DATA_MANIFEST
+        return self.root / MANIFEST_FILE
 
     @property
     def metrics(self) -> Path:
@@ -148,13 +145,6 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} does not exist; the folder is not a complete mdt run or export")
     return json.loads(path.read_text())
-
-
-def write_export(directory: Path, model: torch.nn.Module, weights: dict[str, torch.Tensor],
-                 diffusion: dict, data_manifest: dict) -> None:
-    save_pretrained(model, directory, state_dict=weights)
-    write_json(directory / DIFFUSION, diffusion)
-    write_json(directory / DATA_MANIFEST, data_manifest)
 
 
 def replace_folder(source: Path, destination: Path) -> None:

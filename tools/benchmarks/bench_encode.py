@@ -153,7 +153,7 @@ def mdt_encode(image_root: Path, vae_spec: str, args: Args, workers: int, out: P
     encode_dataset(
         EncodeConfig(
             input=str(image_root),
-            output=str(out),
+            out=str(out),
             resolution=args.resolution,
             vae=vae_spec,
             shard_size=100,

@@ -1,8 +1,12 @@
-"""What a sampling run reads from a trained checkpoint: the EMA export folder and its JSON records.
+"""mdt's export folder, the one format `mdt train` writes, `mdt import` writes, and `mdt sample`,
+`mdt export` and `mdt train --init-from` read:
 
-An export folder holds `model.safetensors` + `model_config.json` (the model), `diffusion.json`
-(the training diffusion process) and `data_manifest.json` (the latent data it was trained on,
-including the VAE). A training run folder holds its latest export at `RUN/ema/`.
+    model.safetensors + model_config.json   the model (through mdt.models.io)
+    diffusion.json                          the diffusion process it was trained with
+    data_manifest.json                      the latent data it was trained on, the VAE included (trained runs)
+    import.json                             where an imported checkpoint came from (imports)
+
+A training run folder holds its latest export at `RUN/ema/`.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mdt.diffusion.process import DiffusionConfig, diffusion_from_dict
 from mdt.diffusion.schedule import ScheduleConfig, make_betas
 from mdt.errors import UserError
-from mdt.fileio import read_json_object
+from mdt.fileio import read_json_object, write_json
 from mdt.models.io import CONFIG as MODEL_CONFIG
 from mdt.models.io import WEIGHTS as MODEL_FILE
-from mdt.models.io import check_format
+from mdt.models.io import check_format, save_pretrained
 
 DIFFUSION_FILE = "diffusion.json"
 MANIFEST_FILE = "data_manifest.json"
+IMPORT_FILE = "import.json"
 
 
 @dataclass(frozen=True)
@@ -103,3 +110,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 f"{tuple(manifest['latent_shape'])}; re-export the checkpoint with its own data manifest."
             )
     return checkpoint
+
+
+def write_export(directory: Path, model: torch.nn.Module, diffusion: dict[str, Any], *,
+                 weights: dict[str, torch.Tensor] | None = None, data_manifest: dict[str, Any] | None = None,
+                 imported_from: dict[str, Any] | None = None) -> None:
+    """Write an export folder: the model (`weights` replace its own, e.g. the EMA's) and its JSON records."""
+    save_pretrained(model, directory, state_dict=weights)
+    write_json(directory / DIFFUSION_FILE, diffusion)
+    if data_manifest is not None:
+        write_json(directory / MANIFEST_FILE, data_manifest)
+    if imported_from is not None:
+        write_json(directory / IMPORT_FILE, imported_from)
