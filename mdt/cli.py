@@ -178,6 +178,8 @@ def sample_command(
                          "maskdm-ddim."),
     churn: float = setting(SampleConfig, "churn", "edm-heun: EDM's S_churn (0 = deterministic; EDM's ImageNet "
                            "S_min/max/noise)."),
+    clip_x0: bool = setting(SampleConfig, "clip_x0", "ddpm/ddim: clamp the predicted x0 to [-1, 1] (ADM's "
+                            "clip_denoised); default on for pixel data, off for latents.", "--clip-x0/--no-clip-x0"),
     spacing: str = setting(SampleConfig, "spacing", "Which timesteps: even (ADM's 'N', DiT/MDT) | ddim (ADM's "
                            "'ddimN' stride) | linspace (MaskDM's); default linspace for maskdm-ddim, else even."),
     cfg_scale: float = setting(SampleConfig, "cfg_scale", "Classifier-free guidance scale w; 1 disables guidance."),

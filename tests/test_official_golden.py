@@ -136,3 +136,26 @@ def test_ddim_trajectory_is_the_official_one(imported_dit, attention_kernel: flo
     out = sample_ddim(_guided_dit(meta[key], net), tensors["ddim.z"], tensors["ddim.y"], diffusion=ScheduleConfig(),
                       timesteps=timesteps, step_noise=lambda like: torch.zeros_like(like))
     assert_trajectory_close(out, tensors[f"{key}.out"], attention_kernel)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_x0_clipping_is_adms_clip_denoised(sampler: str, clip: bool) -> None:
+    """ADM's samplers with clip_denoised (pixel models) and without (DiT's latents), from DiT's own
+    gaussian_diffusion.py (tests/fixtures/make_adm_clip_fixtures.py), on a per-pixel linear "model"."""
+    tensors, _ = load_fixture("adm_clip")
+    weight, bias = tensors["model.weight"], tensors["model.bias"]
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the fixture's model_output
+        linear = torch.einsum("oc,bchw->bohw", weight, x) * (1.0 + t.float().view(-1, 1, 1, 1) / 1000.0)
+        linear = linear + bias.view(1, -1, 1, 1)
+        return torch.cat([x + linear[:, :3], torch.tanh(linear[:, 3:])], dim=1)
+
+    recorded = iter(tensors[f"ddpm.clip_{clip}.step_noise"])
+    step_noise = (lambda like: next(recorded)) if sampler == "ddpm" else torch.zeros_like
+    run = sample_ddpm if sampler == "ddpm" else sample_ddim
+    timesteps = tensors[f"{sampler}.timesteps"].tolist()
+    out = run(denoiser, tensors["z"], torch.zeros(2, dtype=torch.long), diffusion=ScheduleConfig(),
+              timesteps=timesteps, step_noise=step_noise, clip_x0=clip)
+    expected = tensors[f"{sampler}.clip_{clip}.out"]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -127,13 +127,19 @@ def test_other_samplers_and_guidance_flags_take_effect(run_dir: Path, tmp_path: 
 def test_pixel_space_checkpoint(tmp_path: Path) -> None:
     export = make_export(tmp_path / "pixel", vae_spec="pixel", latent_shape=(3, 8, 8), resolution=8, kind="pixel",
                          scaling_factor=1.0)
-    out = tmp_path / "out"
-    result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
-                     *STEPS, "--classes", "balanced", **SAMPLING_RUN)
-    assert result.returncode == 0, result.stderr
-    with np.load(out / "samples.npz", allow_pickle=False) as data:
-        assert data["arr_0"].shape == (2, 8, 8, 3)
-        assert data["arr_1"].tolist() == [0, 1]
+    images = {}
+    for name, extra in (("default", []), ("unclipped", ["--no-clip-x0"])):
+        out = tmp_path / name
+        result = run_cli("sample", "--ckpt", str(export), "--out", str(out), "--num-samples", "2", "--sampler", "ddim",
+                         *STEPS, "--classes", "balanced", *extra, **SAMPLING_RUN)
+        assert result.returncode == 0, result.stderr
+        # Pixel data is bounded: x0 is clipped to [-1, 1] by default, as ADM samples its pixel models.
+        assert json.loads((out / "sample_config.json").read_text())["clip_x0"] is not bool(extra)
+        with np.load(out / "samples.npz", allow_pickle=False) as data:
+            assert data["arr_0"].shape == (2, 8, 8, 3)
+            assert data["arr_1"].tolist() == [0, 1]
+            images[name] = data["arr_0"]
+    assert not np.array_equal(images["default"], images["unclipped"])
 
 
 @pytest.mark.slow
@@ -165,6 +171,8 @@ def test_maskdm_ddim_on_a_pixel_checkpoint(tmp_path: Path) -> None:
     (["--cfg-channels", "5"], "--cfg-channels"),
     (["--cfg-schedule", "linear"], "--cfg-schedule"),
     (["--vae", "pixel"], "--vae pixel"),
+    (["--clip-x0"], "unbounded"),
+    (["--sampler", "dpm++", "--clip-x0"], "--clip-x0 belongs"),
 ])
 def test_user_mistakes(run_dir: Path, tmp_path: Path, args: list[str], words: str) -> None:
     """In process (the exit status 2 path is covered by test_not_a_checkpoint)."""

@@ -118,11 +118,12 @@ class NoiseSchedule:
                 / self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt.dim()))
 
     def p_mean_logvar(self, eps: torch.Tensor, var_values: torch.Tensor | None, xt: torch.Tensor,
-                      t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      t: torch.Tensor, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """p(x_{t-1} | x_t) from predicted noise and the learned-range variance output in [-1, 1].
 
         The log-variance interpolates between the posterior's (lower) and beta_t (upper) bound;
-        without a variance output (`None`) it is ADM's fixed-large one.
+        without a variance output (`None`) it is ADM's fixed-large one. `clip_x0` clamps the predicted
+        x0 to the data range [-1, 1] before the posterior mean (ADM's clip_denoised, for pixel data).
         """
         if var_values is None:
             logvar = self.gather(self.fixed_large_log_variance, t, xt.dim()).expand_as(xt)
@@ -131,7 +132,8 @@ class NoiseSchedule:
             max_log = self.gather(self.log_betas, t, xt.dim())
             frac = (var_values + 1) / 2
             logvar = frac * max_log + (1 - frac) * min_log
-        mean, _ = self.q_posterior(self.predict_x0(xt, t, eps), xt, t)
+        x0 = self.predict_x0(xt, t, eps)
+        mean, _ = self.q_posterior(x0.clamp(-1, 1) if clip_x0 else x0, xt, t)
         return mean, logvar
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:

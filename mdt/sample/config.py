@@ -29,6 +29,7 @@ class SampleConfig:
     spacing: str | None = None  # which timesteps (mdt.diffusion.respacing); None: "linspace" for maskdm-ddim, else "even"
     eta: float | None = None  # DDIM's eta, for ddim and maskdm-ddim; None: ETA_SAMPLERS' default (0 and 1)
     churn: float = 0.0  # EDM's S_churn for edm-heun (0: deterministic), with EDM's ImageNet S_min/S_max/S_noise
+    clip_x0: bool | None = None  # ddpm/ddim clamp x0 to [-1, 1]; None: for pixel data (ADM), not for latents (DiT)
     cfg_scale: float = 1.5  # classifier-free guidance w (mdt.sample.guidance.GuidanceConfig); 1: off
     cfg_schedule: str = "constant"
     cfg_power: float = 4.0

@@ -30,14 +30,14 @@ from mdt.checkpoints.export_folder import Checkpoint, read_checkpoint
 from mdt.sample.config import ETA_SAMPLERS, SampleConfig
 from mdt.sample.guidance import ClassifierFreeGuidance
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png
-from mdt.sample.samplers import EDM_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
+from mdt.sample.samplers import CLIP_SAMPLERS, EDM_SAMPLERS, IMAGENET_CHURN, SAMPLERS, Churn
 from mdt.sample.seeding import class_labels, initial_noise, noise_generators, parse_classes, per_sample_noise
 
 GRID_SIZE = 64
 CONFIG_FILE = "sample_config.json"
 # Settings that change the pixels; a resumed run must agree on all of them.
-_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "eta", "churn", "guidance", "classes", "seed", "vae",
-                  "precision")
+_IDENTITY_KEYS = ("checkpoint", "sampler", "steps", "spacing", "eta", "churn", "clip_x0", "guidance", "classes", "seed",
+                  "vae", "precision")
 
 
 @dataclass
@@ -136,8 +136,21 @@ def _load_autoencoder(checkpoint: Checkpoint, override: str | None, device: torc
     return vae
 
 
+def _clip_x0(config: SampleConfig, vae_kind: str) -> bool:
+    """Whether ddpm/ddim clamp the predicted x0 to [-1, 1]: as ADM does for pixel models (clip_denoised) and
+    DiT's sample.py does not for latents, unless --clip-x0/--no-clip-x0 says otherwise."""
+    if config.clip_x0 is None:
+        return vae_kind == "pixel" and config.sampler in CLIP_SAMPLERS
+    if config.clip_x0 and config.sampler not in CLIP_SAMPLERS:
+        raise UserError(f"--clip-x0 belongs to the samplers {', '.join(CLIP_SAMPLERS)}, not --sampler {config.sampler}.")
+    if config.clip_x0 and vae_kind != "pixel":
+        raise UserError(f"--clip-x0 clamps x0 to the pixel range [-1, 1], but these are {vae_kind} latents, which "
+                        "are unbounded; drop --clip-x0.")
+    return bool(config.clip_x0)
+
+
 def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[int] | list[float], vae_spec: str,
-                device: torch.device) -> dict[str, Any]:
+                clip_x0: bool, device: torch.device) -> dict[str, Any]:
     return {
         "checkpoint": str(checkpoint.export_dir.resolve()),
         "sampler": config.sampler,
@@ -145,6 +158,7 @@ def _run_record(config: SampleConfig, checkpoint: Checkpoint, timesteps: list[in
         "spacing": config.resolved_spacing,
         "eta": config.resolved_eta,
         "churn": config.churn,
+        "clip_x0": clip_x0,
         "guidance": asdict(config.guidance),
         "classes": config.classes,
         "seed": config.seed,
@@ -169,6 +183,7 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
         return
     previous = json.loads(path.read_text())
     previous.setdefault("eta", 0.0 if previous.get("sampler") == "ddim" else None)  # runs from before --eta
+    previous.setdefault("clip_x0", False)  # runs from before --clip-x0 did not clip
     changed = [k for k in _IDENTITY_KEYS if previous.get(k) != record[k]]
     if changed:
         raise UserError(
@@ -202,7 +217,8 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
     timesteps = _validate(config, checkpoint)
     classes = parse_classes(config.classes, checkpoint.num_classes)
     vae = _load_autoencoder(checkpoint, config.vae, device)
-    record = _run_record(config, checkpoint, timesteps, vae.spec, device)
+    clip_x0 = _clip_x0(config, vae.kind)
+    record = _run_record(config, checkpoint, timesteps, vae.spec, clip_x0, device)
 
     from mdt.models import load_pretrained
 
@@ -236,6 +252,8 @@ def _sample_locked(config: SampleConfig) -> SampleResult:
                                     else Churn())
     if config.sampler in ETA_SAMPLERS:
         sampler = functools.partial(sampler, eta=config.resolved_eta)
+    if config.sampler in CLIP_SAMPLERS:
+        sampler = functools.partial(sampler, clip_x0=clip_x0)
     precision = sampling_mode(config.precision)
     set_tf32(precision)
 

@@ -55,13 +55,14 @@ def _respaced_steps(diffusion: ScheduleConfig, timesteps: list[int], x: Tensor
 
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
-                timesteps: list[int], step_noise: StepNoise) -> Tensor:
-    """Ancestral DDPM with the learned-range variance (or ADM's fixed-large one), DiT's sampler."""
+                timesteps: list[int], step_noise: StepNoise, clip_x0: bool = False) -> Tensor:
+    """Ancestral DDPM with the learned-range variance (or ADM's fixed-large one), DiT's sampler.
+    `clip_x0` is ADM's clip_denoised: the predicted x0 clamped to [-1, 1] (pixel data)."""
     chain, steps = _respaced_steps(diffusion, timesteps, noise)
     x = noise.float()
     for i, index, t in steps:
         eps, var_values = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
-        mean, logvar = chain.p_mean_logvar(eps, var_values, x, index)
+        mean, logvar = chain.p_mean_logvar(eps, var_values, x, index, clip_x0=clip_x0)
         z = step_noise(x)  # drawn at every step, the last too, as ADM draws it
         x = mean + torch.exp(0.5 * logvar) * z if i > 0 else mean  # no noise into x_0
     return x
@@ -74,14 +75,17 @@ def _ddim_sigma(abar: Tensor, abar_prev: Tensor, eta: float) -> Tensor:
 
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion: ScheduleConfig,
-                timesteps: list[int], step_noise: StepNoise, eta: float = 0.0) -> Tensor:
-    """ADM's `ddim_sample_loop`: eps is recomputed from the predicted x0; eta = 0 is deterministic,
-    eta > 0 adds sigma_t(eta) fresh noise per step (none into x_0, where sigma is 0)."""
+                timesteps: list[int], step_noise: StepNoise, eta: float = 0.0, clip_x0: bool = False) -> Tensor:
+    """ADM's `ddim_sample_loop`: eps is recomputed from the predicted x0 (clamped to [-1, 1] with
+    `clip_x0`, ADM's clip_denoised); eta = 0 is deterministic, eta > 0 adds sigma_t(eta) fresh noise
+    per step (none into x_0, where sigma is 0)."""
     chain, steps = _respaced_steps(diffusion, timesteps, noise)
     x = noise.float()
     for _, index, t in steps:
         eps, _ = _split(denoiser(x, t, labels), x.shape[1], diffusion.learn_sigma)
         x0 = chain.predict_x0(x, index, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         eps = chain.predict_eps(x, index, x0)
         abar = chain.gather(chain.alphas_cumprod, index, x.dim())
         abar_prev = chain.gather(chain.alphas_cumprod_prev, index, x.dim())
@@ -138,6 +142,7 @@ def sample_dpmpp(denoiser: Denoiser, noise: Tensor, labels: Tensor, *, diffusion
     return x
 
 
+CLIP_SAMPLERS = ("ddpm", "ddim")  # the samplers that take clip_x0 (maskdm-ddim always clips)
 SAMPLERS: dict[str, Sampler] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpm++": sample_dpmpp,
                                  "maskdm-ddim": sample_maskdm_ddim}
 
