@@ -21,10 +21,10 @@ def import_command(
     trust_pickle: bool = typer.Option(False, help="Allow full unpickling (runs code from the file): trusted files only."),
 ) -> None:
     """Import an official or diffusers checkpoint as an mdt export (sample with it, or --init-from it)."""
+    from mdt.checkpoints.export_folder import read_checkpoint
     from mdt.checkpoints.import_diffusion import describe
     from mdt.checkpoints.importing import import_checkpoint
     from mdt.diffusion.edm import EDMConfig
-    from mdt.checkpoints.export_folder import read_checkpoint
 
     config = import_checkpoint(src, out, model=model, sets=set_, input_size=input_size, num_classes=num_classes,
                                trust_pickle=trust_pickle)

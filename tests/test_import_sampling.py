@@ -25,11 +25,11 @@ from golden_helpers import (
 from PIL import Image
 from typer.testing import CliRunner
 
+from mdt.checkpoints.export_folder import read_checkpoint
 from mdt.cli import app
 from mdt.errors import UserError
 from mdt.models import load_pretrained, save_pretrained
 from mdt.models.embeddings import sincos_pos_embed_2d
-from mdt.checkpoints.export_folder import read_checkpoint
 from mdt.sample.config import DEFAULT_STEPS, SampleConfig
 from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.run import _validate

@@ -27,9 +27,9 @@ from mdt.models.io import load_pretrained
 def export_diffusers_pipeline(source: str | Path, out: str | Path, *, vae: str | None = None) -> Path:
     from diffusers import DDIMScheduler, DiTPipeline
 
+    from mdt.checkpoints.export_folder import read_checkpoint
     from mdt.diffusion.schedule import make_betas
     from mdt.models.diffusers_dit import to_diffusers
-    from mdt.checkpoints.export_folder import read_checkpoint
     from mdt.vae import load_autoencoder
 
     out = Path(out)

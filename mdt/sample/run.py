@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mdt import distributed as dist
+from mdt.checkpoints.export_folder import Checkpoint, read_checkpoint
 from mdt.compiling import compile_wanted, maybe_compile
 from mdt.diffusion.edm import EDMConfig, karras_sigmas
 from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
@@ -26,7 +27,6 @@ from mdt.errors import UserError
 from mdt.fileio import write_json
 from mdt.locking import exclusive_folder
 from mdt.precision import autocast, sampling_mode, set_tf32
-from mdt.checkpoints.export_folder import Checkpoint, read_checkpoint
 from mdt.sample.config import ETA_SAMPLERS, SampleConfig
 from mdt.sample.guidance import ClassifierFreeGuidance
 from mdt.sample.images import read_png, sample_path, to_uint8, write_grid, write_npz, write_png

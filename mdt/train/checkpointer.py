@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from mdt import distributed
+from mdt.checkpoints.export_folder import write_export
 from mdt.train.clock import RunClock
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine
-from mdt.checkpoints.export_folder import write_export
 from mdt.train.run_dir import RunDir, replace_folder, tag_for
 
 
