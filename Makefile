@@ -163,11 +163,12 @@ $(DEMO)/metrics.json: $(DEMO)/samples/samples.npz $(DEMO)/classifier/classifier.
 	$(DEMO_IN) classifier score --samples samples --classifier classifier --out metrics.json.part
 	$(DEMO_IN) fid --config $(DEMO_RECIPE) --out metrics.json.part
 	$(DEMO_IN) plot run --out loss.png --summary metrics.json.part
+	$(DEMO_IN) side-by-side --real images/val --samples samples --out compare.png
 	cp $(DEMO)/samples/grid.png $(DEMO)/grid.png
 	mv $(DEMO)/metrics.json.part $@
 
-demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU, minutes: DEMO/grid.png loss.png metrics.json
-	@echo "demo: $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
+demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU, minutes: DEMO/compare.png grid.png loss.png metrics.json
+	@echo "demo: $(DEMO)/compare.png $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']:.3f} | FID ({m['mode']}) {m['fid']:.2f} | precision {m['precision']:.3f} recall {m['recall']:.3f} | final val loss {t['final_val_loss']:.4f} | training {t['wall_time_s']:.0f} s at {t['mean_images_per_s']:.0f} images/s\")"
 
 # compare: DiT, MDTv2 and MaskDiT for the same training wall-clock each, through mdt train/sample/fid.

@@ -290,6 +290,20 @@ def plot_command(
     typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
 
 
+@app.command("side-by-side")
+def side_by_side_command(
+    real: Path = typer.Option(..., help="Real images, ROOT/<class>/<image> (e.g. the held-out ones)."),
+    samples: Path = typer.Option(..., help="The --out folder of `mdt sample` (or its samples.npz)."),
+    out: Path = typer.Option(..., help="PNG to write."),
+    per_class: int = typer.Option(8, help="Images per row."),
+) -> None:
+    """Real images beside samples: per class, a row of real images and a row of samples, as a PNG."""
+    from mdt.eval.side_by_side import write_side_by_side
+
+    info = write_side_by_side(real, samples, out, per_class=per_class)
+    typer.echo(f"wrote {out} ({info['classes']} classes, {info['per_class']} real images and samples each)")
+
+
 app.command("recipe")(recipe_command)
 app.command("fid")(fid_command)
 app.command("fid-ref")(fid_ref_command)

@@ -33,7 +33,7 @@ def test_demo_chain_end_to_end_and_a_rerun_reuses_it(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     result = _make_demo(demo)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("grid.png", "loss.png", "metrics.json", "run/ema/model.safetensors", "samples/samples.npz",
+    for name in ("compare.png", "grid.png", "loss.png", "metrics.json", "run/ema/model.safetensors", "samples/samples.npz",
                  "latents/manifest.json", "classifier/classifier.json"):
         assert (demo / name).is_file(), name
     metrics = json.loads((demo / "metrics.json").read_text())

@@ -13,6 +13,7 @@ from mdt.data.shapes import SHAPE_CLASSES, ShapesConfig, write_shapes_dataset
 from mdt.errors import UserError
 from mdt.eval.classifier import read_image_folder, score_samples, train_classifier
 from mdt.eval.plots import cumulative_wall_time, plot_losses
+from mdt.eval.side_by_side import write_side_by_side
 from mdt.sample.images import write_npz
 
 
@@ -84,3 +85,23 @@ def test_plot_of_a_resumed_run(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="line 1"):
         plot_losses(tmp_path, tmp_path / "x.png")
+
+
+def test_side_by_side_puts_each_class_real_row_above_its_sample_row(shapes: Path, tmp_path: Path) -> None:
+    val = read_image_folder(shapes / "val")
+    # Samples: the held-out images themselves, so each sample row must equal the real row above it.
+    order = np.argsort(val.labels, kind="stable")
+    samples = _as_samples(tmp_path / "s", val.images[order], val.labels[order], val.class_names)
+    out = tmp_path / "compare.png"
+    info = write_side_by_side(shapes / "val", samples, out, per_class=4)
+    assert info == {"classes": len(SHAPE_CLASSES), "per_class": 4}
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    tile = grid.shape[1] // 4
+    row = grid.shape[0] // (2 * len(SHAPE_CLASSES))
+    for k in range(len(SHAPE_CLASSES)):
+        real_row = grid[2 * k * row:(2 * k + 1) * row - 14]
+        sample_row = grid[(2 * k + 1) * row:(2 * k + 2) * row - 14]
+        assert np.array_equal(real_row, sample_row), f"class {k}"
+    assert tile * 4 == grid.shape[1]
+    with pytest.raises(UserError, match="no images of class"):
+        write_side_by_side(shapes / "train" / "0-red-disc", samples, out)
