@@ -63,7 +63,7 @@ def test_demo_chain_end_to_end_and_a_rerun_reuses_it(tmp_path: Path) -> None:
     with Image.open(demo / "grid.png") as grid:
         assert grid.size[1] > grid.size[0] / 2  # 12 samples of 6 classes: 6 rows of 2
     config = (demo / "run" / "config.yaml").read_text()
-    assert "MDTv2-T/2" in config
+    assert "DiT-T/2" in config
     assert "zero2.json" in config
 
     stamp = (demo / "run" / "metrics.json").stat().st_mtime_ns
