@@ -2,8 +2,8 @@
 
 The papers' claim is that masked training reaches a given quality sooner; this measures it on your
 data and machine. Every step is the command a user types (`mdt train`, `mdt sample`, `mdt fid`):
-each family trains at the same size (width, depth, patch) with the demo recipe's optimizer settings
-and its paper recipe's objective (MDTv2's mask ratio and Min-SNR, MaskDiT's 50% mask and MAE weight
+each family trains at the same size (width, depth, patch) with one optimizer setting (AdamW, lr 1e-3
+constant after 50 warm-up steps, the demo recipe's batch, clip and EMA) and its paper recipe's objective (MDTv2's mask ratio and Min-SNR, MaskDiT's 50% mask and MAE weight
 under EDM, DiT unmasked). Training runs in --points segments of the budget (`mdt train
 --max-wall-seconds`, then `--resume` with a larger budget: resume is exact, so the run is the
 uninterrupted one); after each segment the EMA weights are sampled, each family with its own sampler
@@ -41,6 +41,8 @@ from mdt.recipe import recipe_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "pipelines" / "demo.yaml"
+# One optimizer setting for every family (the demo recipe's batch 32, clip 1 and EMA 0.995 besides).
+COMMON_OPTIMIZER = ("--lr", "1e-3", "--set", "lr_schedule=constant", "--set", "warmup_steps=50")
 DS_CONFIG = REPO / "deepspeed_configs" / "zero2.json"
 # Each family's objective settings are its paper recipe's (mask ratio, MAE weight, Min-SNR).
 PAPER_RECIPES = {"DiT": "dit-xl2-in256.yaml", "MDTv2": "mdtv2-xl2-in256.yaml", "MaskDiT": "maskdit-xl2-in256.yaml"}
@@ -103,18 +105,21 @@ def train_to(family: str, model: str, run: Path, args: argparse.Namespace, secon
         return
     mdt("train", "--config", str(DEMO_RECIPE), "--deepspeed-config", str(DS_CONFIG), "--data", str(args.data),
         "--out", str(run), "--model", model, "--steps", str(NEVER), *budget, "--val-every", str(args.val_every),
-        "--set", f"model_options.input_size={input_size}", *paper_objective(family),
+        # Each family under its paper's formulation and output (the demo's own is DiT under EDM), at one
+        # constant lr for all (the demo's cosine schedule spans a fixed number of steps, not a budget).
+        "--set", f"model_options={{input_size: {input_size}}}", "--set", "diffusion={}", *COMMON_OPTIMIZER,
+        *paper_objective(family),
         what=f"{family} to {seconds:.0f} s")
 
 
 def sampler_for(run: Path, evaluations: int) -> tuple[list[str], int]:
     """The run's own sampler at about `evaluations` network evaluations per sample, and their number:
-    the demo's (DDIM, one per step) for a DDPM model, EDM's Heun (2n - 1 for n steps) for an EDM one."""
+    DDIM (one per step) for a DDPM model, EDM's Heun (2n - 1 for n steps) for an EDM one."""
     formulation = json.loads((run / "ema" / "diffusion.json").read_text()).get("formulation", "ddpm")
     if formulation == "edm":
         steps = max(2, (evaluations + 1) // 2)  # the last step is Euler: 2 steps at least
         return ["--sampler", "edm-heun", "--steps", str(steps)], 2 * steps - 1
-    return ["--sampler", recipe_section(DEMO_RECIPE, "sample")["sampler"], "--steps", str(evaluations)], evaluations
+    return ["--sampler", "ddim", "--steps", str(evaluations)], evaluations
 
 
 def fid_of(family: str, run: Path, point: int, args: argparse.Namespace, ref: Path) -> dict:

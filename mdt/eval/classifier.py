@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from mdt.data.sources import list_inputs
 from mdt.errors import UserError
 from mdt.fileio import atomic_path, write_json
+from mdt.sample.images import read_samples
 
 WEIGHTS = "classifier.safetensors"
 CONFIG = "classifier.json"
@@ -132,15 +133,9 @@ def load_classifier(folder: Path) -> tuple[nn.Module, dict]:
 def score_samples(classifier_dir: Path, samples: Path) -> dict:
     """Class accuracy of generated samples (a folder with samples.npz, or the npz itself)."""
     model, config = load_classifier(classifier_dir)
-    npz = samples / "samples.npz" if samples.is_dir() else samples
-    if not npz.is_file():
-        raise UserError(f"{npz} does not exist; point --samples at the --out folder of `mdt sample`")
-    with np.load(npz, allow_pickle=False) as data:
-        images, labels = data["arr_0"], data["arr_1"].astype(np.int64)
-    sample_config = npz.parent / "sample_config.json"
-    names = json.loads(sample_config.read_text()).get("class_names") if sample_config.is_file() else None
+    images, labels, names = read_samples(samples)
     if names is not None and names != config["class_names"]:
-        raise UserError(f"the samples in {npz.parent} are of classes {names} but the classifier in {classifier_dir} "
+        raise UserError(f"the samples in {samples} are of classes {names} but the classifier in {classifier_dir} "
                         f"knows {config['class_names']}; train the classifier on the images the model was trained on")
     size = config["image_size"]
     if images.shape[1:3] != (size, size):

@@ -7,7 +7,6 @@ look like the data they were trained on (shape, size, colour, background, noise)
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +15,13 @@ from PIL import Image
 from mdt.errors import UserError
 from mdt.eval.features import list_images
 from mdt.fileio import write_bytes
-from mdt.sample.images import make_grid
-
-
-def _samples(samples: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    npz = samples / "samples.npz" if samples.is_dir() else samples
-    if not npz.is_file():
-        raise UserError(f"{npz} does not exist; point --samples at the --out folder of `mdt sample`")
-    with np.load(npz, allow_pickle=False) as data:
-        images, labels = data["arr_0"], data["arr_1"].astype(np.int64)
-    record = npz.parent / "sample_config.json"
-    names = json.loads(record.read_text()).get("class_names") if record.is_file() else None
-    return images, labels, names
+from mdt.sample.images import make_grid, read_samples
 
 
 def write_side_by_side(real: Path, samples: Path, out: Path, per_class: int = 8) -> dict[str, int]:
     """Write `out` (PNG): for each class of the samples, `per_class` real images of that class (the first
     in sorted order, from REAL/<class>/) and then `per_class` samples of it."""
-    images, labels, names = _samples(samples)
+    images, labels, names = read_samples(samples)
     if not real.is_dir():
         raise UserError(f"--real {real} is not a folder; pass the real images' root (ROOT/<class>/<image>)")
     names = names or sorted(p.name for p in real.iterdir() if p.is_dir())

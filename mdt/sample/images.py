@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import zipfile
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from mdt.errors import UserError
 from mdt.fileio import atomic_path, write_bytes
 
 
@@ -59,6 +61,18 @@ def write_npz(path: Path, image_paths: Sequence[Path], labels: Sequence[int]) ->
                 f.write(np.ascontiguousarray(image).tobytes())
         with zf.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+
+
+def read_samples(samples: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(images NHWC uint8, labels, class names or None) of `mdt sample`'s folder (or its samples.npz)."""
+    npz = samples / "samples.npz" if samples.is_dir() else samples
+    if not npz.is_file():
+        raise UserError(f"{npz} does not exist; point --samples at the --out folder of `mdt sample`")
+    with np.load(npz, allow_pickle=False) as data:
+        images, labels = data["arr_0"], data["arr_1"].astype(np.int64)
+    record = npz.parent / "sample_config.json"
+    names = json.loads(record.read_text()).get("class_names") if record.is_file() else None
+    return images, labels, names
 
 
 def make_grid(images: Sequence[np.ndarray], captions: Sequence[str], *, columns: int = 8) -> Image.Image:
