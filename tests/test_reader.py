@@ -48,7 +48,9 @@ def test_batches_have_the_promised_form(encoded_flip: Path) -> None:
     assert batch["labels"].shape == (4,)
     assert batch["labels"].dtype == torch.int64
     assert ((batch["labels"] >= 0) & (batch["labels"] < 3)).all()
-    assert (loader.latent_shape, loader.num_classes, loader.batches_per_epoch) == ((4, 8, 8), 3, 2)
+    assert batch["sample_ids"].dtype == torch.int64
+    assert len(set(batch["sample_ids"].tolist())) == 4
+    assert (loader.latent_shape, loader.num_classes, loader.steps_per_epoch) == ((4, 8, 8), 3, 2)
 
 
 def test_sample_latents_draws_posterior_samples_of_a_random_view() -> None:
@@ -80,7 +82,7 @@ def test_round_trip_returns_each_stored_sample_once_per_epoch(unique_labels: Pat
             stored[int(label)] = latent
     assert sorted(stored) == list(range(UNIQUE_IMAGES))
     loader = LatentLoader(unique_labels, 3, seed=7, num_workers=0)
-    epoch = take(loader, loader.batches_per_epoch)
+    epoch = take(loader, loader.steps_per_epoch)
     labels = torch.cat([b["labels"] for b in epoch]).tolist()
     assert sorted(labels) == list(range(UNIQUE_IMAGES))
     assert labels != sorted(labels)  # all, shuffled
@@ -94,15 +96,15 @@ def test_ranks_split_an_epoch_without_duplicates(unique_labels: Path, workers: i
     seen = []
     for rank in range(2):
         loader = LatentLoader(unique_labels, 3, seed=1, rank=rank, world_size=2, num_workers=workers)
-        assert loader.batches_per_epoch == 2
+        assert loader.steps_per_epoch == 2
         seen += torch.cat([b["labels"] for b in take(loader, 2)]).tolist()
     assert sorted(seen) == list(range(UNIQUE_IMAGES))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_start_batch_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
+def test_start_step_resumes_bitwise(encoded_flip: Path, workers: int) -> None:
     def run(start: int, n: int) -> list[dict[str, torch.Tensor]]:
-        return take(LatentLoader(encoded_flip, 3, seed=5, num_workers=workers, start_batch=start), n)
+        return take(LatentLoader(encoded_flip, 3, seed=5, num_workers=workers, start_step=start), n)
 
     full = run(0, 9)  # 3 batches per epoch: crosses two epoch boundaries
     for start in (1, 3, 5):
@@ -137,24 +139,23 @@ def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 def test_each_epoch_visits_every_sample_once(counted: dict[int, Path], shard_size: int, world: int,
                                              batch: int) -> None:
     """Counted over all ranks: no sample twice in an epoch, and none left out beyond the remainder
-    that fills no batch (N mod world, and per rank its share mod the batch size)."""
+    that fills no global batch (N mod world x batch)."""
     data = counted[shard_size]
     per_epoch = []
     for epoch in range(2):
         seen: list[int] = []
         for rank in range(world):
             loader = LatentLoader(data, batch, seed=11, rank=rank, world_size=world, num_workers=0)
-            n = loader.batches_per_epoch
+            n = loader.steps_per_epoch
             seen += torch.cat([b["labels"] for b in take(loader, 2 * n)[epoch * n : (epoch + 1) * n]]).tolist()
-        share = 48 // world
-        assert len(seen) == len(set(seen)) == world * (share - share % batch)
+        assert len(seen) == len(set(seen)) == 48 - 48 % (world * batch)
         per_epoch.append(seen)
     assert per_epoch[0] != per_epoch[1]  # each epoch its own order
 
 
 def test_the_stream_does_not_depend_on_the_worker_count(counted: dict[int, Path]) -> None:
     def stream(workers: int) -> list[dict[str, torch.Tensor]]:
-        return take(LatentLoader(counted[5], 4, seed=2, rank=1, world_size=2, num_workers=workers, start_batch=3), 7)
+        return take(LatentLoader(counted[5], 4, seed=2, rank=1, world_size=2, num_workers=workers, start_step=3), 7)
 
     reference = stream(0)
     for workers in (1, 3):
@@ -163,13 +164,42 @@ def test_the_stream_does_not_depend_on_the_worker_count(counted: dict[int, Path]
             assert torch.equal(a["latents"], b["latents"])
 
 
+def global_batches(data: Path, world: int, micro: int, global_batch: int, steps: int, start: int = 0,
+                   workers: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Each step's global batch as the ranks see it: their micro-batches joined in rank order."""
+    accum = global_batch // (micro * world)
+    per_rank = [take(LatentLoader(data, micro, global_batch=global_batch, seed=3, rank=r, world_size=world,
+                                  num_workers=workers, start_step=start), steps * accum) for r in range(world)]
+    return [{key: torch.cat([b[key] for r in range(world) for b in per_rank[r][s * accum : (s + 1) * accum]])
+             for key in ("latents", "labels", "sample_ids")} for s in range(steps)]
+
+
+@pytest.mark.parametrize(("world", "micro", "start", "workers"), [(2, 1, 0, 0), (4, 1, 0, 2), (1, 2, 0, 0),
+                                                                   (2, 2, 1, 0), (4, 1, 2, 0)])
+def test_the_stream_is_the_same_on_any_number_of_ranks(encoded_flip: Path, world: int, micro: int, start: int,
+                                                       workers: int) -> None:
+    """A global batch of 4 (posterior noise and random flips) split over 1, 2 or 4 ranks, with or
+    without accumulation, from step 0 or a later step: the same samples with the same noise per step."""
+    reference = global_batches(encoded_flip, 1, 1, 4, 5)
+    other = global_batches(encoded_flip, world, micro, 4, 5 - start, start=start, workers=workers)
+    for a, b in zip(reference[start:], other, strict=True):
+        assert torch.equal(a["sample_ids"], b["sample_ids"])
+        assert torch.equal(a["latents"], b["latents"])
+    assert not torch.equal(reference[0]["latents"], reference[1]["latents"])
+
+
+def test_a_global_batch_that_does_not_split_is_refused(encoded_flip: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of micro_batch 2 x 2 ranks"):
+        LatentLoader(encoded_flip, 2, global_batch=6, seed=0, rank=0, world_size=2)
+
+
 def test_the_reader_streams_are_independent() -> None:
     """The epoch order, batch noise and validation noise never share a seed (numpy pads short
     entropy with zeros, so plain (seed, e) and (seed, e, 0, 0) would coincide)."""
-    from mdt.data.reader import _BATCH_NOISE, _EPOCH_ORDER, _VALIDATION_NOISE, _seed
+    from mdt.data.reader import _EPOCH_ORDER, _SAMPLE_NOISE, _VALIDATION_NOISE, _seed
 
-    seeds = [_seed(0, _EPOCH_ORDER, 0), _seed(0, _BATCH_NOISE, 0, 0), _seed(0, _VALIDATION_NOISE, 0),
-             _seed(0, _EPOCH_ORDER, 1), _seed(0, _BATCH_NOISE, 0, 1), _seed(0, _BATCH_NOISE, 1, 0), _seed(1, 0, 0)]
+    seeds = [_seed(0, _EPOCH_ORDER, 0), _seed(0, _SAMPLE_NOISE, 0, 0), _seed(0, _VALIDATION_NOISE, 0),
+             _seed(0, _EPOCH_ORDER, 1), _seed(0, _SAMPLE_NOISE, 0, 1), _seed(0, _SAMPLE_NOISE, 1, 0), _seed(1, 0, 0)]
     assert len(set(seeds)) == len(seeds)
 
 
@@ -179,8 +209,8 @@ def test_every_rank_gets_the_same_number_of_full_batches(encoded_flip: Path) -> 
     lengths = set()
     for rank in range(3):
         loader = LatentLoader(encoded_flip, 2, seed=0, rank=rank, world_size=3, num_workers=0)
-        batches = take(loader, 4 * loader.batches_per_epoch)
-        lengths.add(loader.batches_per_epoch)
+        batches = take(loader, 4 * loader.steps_per_epoch)
+        lengths.add(loader.steps_per_epoch)
         assert all(b["latents"].shape[0] == 2 for b in batches)
     assert lengths == {sum(counts) // 3 // 2}
 

@@ -1,21 +1,24 @@
 """The training reader: endless, shuffled, exactly resumable batches of scaled latents.
 
-`LatentLoader` yields `{"latents": float32 (B, C, H, W), "labels": int64 (B,)}` forever, where
+`LatentLoader` yields micro-batches `{"latents": float32 (B, C, H, W), "labels": int64 (B,), "sample_ids":
+int64 (B,)}` forever, where
 latents = (mean + std * eps - shift) * scaling_factor is a fresh posterior sample, from a random
 choice of the stored views (original or its horizontal flip) when both were encoded.
 
-How the stream is laid out, and why:
+How the stream is laid out, and why (one stream for the whole run, whatever the number of ranks):
 - At start the reader indexes its shards: where each sample's moments lie in which tar (headers
   only, data seeked over) and its label. Samples are then read by position, like the official
   code's map-style datasets, so an epoch can be any order of them.
-- Epoch e is one permutation of all N samples, seeded by (seed, e); rank r takes every
-  world_size-th entry of it (as torch's DistributedSampler does), the first `samples_per_epoch`
-  of them (default N // world_size), and cuts them into batches. Every rank has the same number
-  of batches, and each epoch visits every sample once, bar the remainder that fills no batch.
-- Batch b is epoch b // n, batch b % n (n batches per epoch), and its posterior noise and view
-  choice come from a generator seeded by (seed, rank, b). So batch b is a function of b alone:
-  not of the DataLoader workers (worker p builds the batches p, p + W, ...), nor of where the run
-  started. Starting at `start_batch=k` yields bitwise the batches k, k+1, ... of a run from 0.
+- Epoch e is one permutation of all N samples, seeded by (seed, e), cut into global batches of
+  `global_batch` samples (N // global_batch of them; the N mod global_batch left over sit out that
+  epoch). Global batch s is optimizer step s. Rank r of W takes the r-th of W equal slices of it
+  and cuts its slice into micro-batches (grad_accum = global_batch / (micro_batch x W)). Micro-batch
+  k of the global batch (k = r x grad_accum + a) is thus the same samples on 1, 2 or 64 ranks.
+- Each sample's posterior noise and view choice come from a generator seeded by (seed, step,
+  position in the global batch), never by rank: the same run on any number of ranks sees the same
+  samples with the same noise at every step. So micro-batch q is a function of q alone: not of
+  the DataLoader workers (worker p builds the micro-batches p, p + W, ...), nor of where the run
+  started. Starting at `start_step=k` yields bitwise what a run from 0 yields from step k on.
 - A read that fails (an NFS hiccup, a shard truncated under the reader) is retried a few times,
   then named in one sentence; a label outside the classes or a non-finite latent stops the run
   naming the sample. DataLoader workers drop SIGTERM/SIGINT from anyone but their parent: the
@@ -53,7 +56,7 @@ Batch = dict[str, torch.Tensor]
 
 # Independent random streams of the reader (spawn keys, as mdt.sample.seeding does).
 _EPOCH_ORDER = 0
-_BATCH_NOISE = 1
+_SAMPLE_NOISE = 1
 _VALIDATION_NOISE = 2
 
 
@@ -66,7 +69,7 @@ def _seed(seed: int, stream: int, *key: int) -> int:
 
 @dataclass(frozen=True)
 class _StreamPlan:
-    """Everything a worker needs to rebuild any batch of the stream (no open files)."""
+    """Everything a worker needs to rebuild any micro-batch of the stream (no open files)."""
 
     index: SampleIndex
     sample_shape: tuple[int, ...]  # of the stored moments array (V, M, C, H, W)
@@ -74,22 +77,30 @@ class _StreamPlan:
     shift_factor: float
     seed: int
     rank: int
-    world_size: int
-    batch_size: int
-    samples_per_epoch: int
-    batches_per_epoch: int
+    global_batch: int  # samples per optimizer step, over all ranks
+    micro_batch: int  # samples per forward pass on one rank
+    grad_accum: int  # micro-batches per rank per step: global_batch / (micro_batch x world_size)
+    steps_per_epoch: int
     workers: int  # DataLoader workers, at least 1 (num_workers=0 builds every batch in this process)
     read_attempts: int
     retry_wait_s: float
 
+    def micro_batch_samples(self, order: np.ndarray, step: int, micro: int) -> tuple[np.ndarray, int]:
+        """The sample numbers of this rank's micro-batch `micro` of `step` (given the epoch's `order`),
+        and the position of its first sample in the global batch."""
+        first = (self.rank * self.grad_accum + micro) * self.micro_batch
+        start = (step % self.steps_per_epoch) * self.global_batch + first
+        return order[start : start + self.micro_batch], first
+
 
 class _RankBatches(IterableDataset):
-    """This rank's endless stream of finished batches from `start_batch` on; with DataLoader
-    workers, worker p yields the batches start_batch + p + kW (the DataLoader interleaves them)."""
+    """This rank's endless stream of micro-batches from step `start_step` on; with DataLoader workers,
+    worker p yields the micro-batches q0 + p + kW, q = step x grad_accum + micro (the DataLoader
+    interleaves them)."""
 
-    def __init__(self, plan: _StreamPlan, start_batch: int):
+    def __init__(self, plan: _StreamPlan, start_step: int):
         self.plan = plan
-        self.start_batch = start_batch
+        self.start_step = start_step
 
     def __iter__(self) -> Iterator[Batch]:
         plan = self.plan
@@ -98,19 +109,21 @@ class _RankBatches(IterableDataset):
         reader = ShardReader(plan.index, plan.read_attempts, plan.retry_wait_s)
         decode = MomentsDecoder(plan.sample_shape)
         order_epoch, order = -1, np.empty(0, dtype=np.int64)
-        batch_index = self.start_batch + worker_id
+        position = self.start_step * plan.grad_accum + worker_id
         try:
             while True:
-                epoch, j = divmod(batch_index, plan.batches_per_epoch)
+                step, micro = divmod(position, plan.grad_accum)
+                epoch = step // plan.steps_per_epoch
                 if epoch != order_epoch:
                     order_epoch, order = epoch, epoch_order(plan, epoch)
-                samples = order[j * plan.batch_size : (j + 1) * plan.batch_size]
-                yield self._batch(reader, decode, samples, batch_index)
-                batch_index += plan.workers
+                samples, first = plan.micro_batch_samples(order, step, micro)
+                yield self._batch(reader, decode, samples, step, first)
+                position += plan.workers
         finally:
             reader.close()
 
-    def _batch(self, reader: ShardReader, decode: MomentsDecoder, samples: np.ndarray, batch_index: int) -> Batch:
+    def _batch(self, reader: ShardReader, decode: MomentsDecoder, samples: np.ndarray, step: int,
+               first: int) -> Batch:
         plan, index = self.plan, self.plan.index
         moments = np.empty((len(samples), *plan.sample_shape), dtype=np.float16)
         # Read in file order (kind to disks and page caches), place in batch order.
@@ -124,15 +137,16 @@ class _RankBatches(IterableDataset):
             raise UserError(f"sample {reader.sample_key(sample)} in {index.shard_paths[index.shard[sample]]} holds "
                             "non-finite latents (NaN or inf); re-encode that shard (`mdt data verify` names "
                             "every bad sample)")
-        generator = torch.Generator().manual_seed(_seed(plan.seed, _BATCH_NOISE, plan.rank, batch_index))
-        latents = sample_latents(moments, plan.scaling_factor, plan.shift_factor, generator)
-        return {"latents": latents, "labels": torch.from_numpy(index.label[samples].copy())}
+        generators = [torch.Generator().manual_seed(_seed(plan.seed, _SAMPLE_NOISE, step, first + i))
+                      for i in range(len(samples))]
+        latents = sample_latents(moments, plan.scaling_factor, plan.shift_factor, generators)
+        return {"latents": latents, "labels": torch.from_numpy(index.label[samples].copy()),
+                "sample_ids": torch.from_numpy(samples.astype(np.int64))}
 
 
 def epoch_order(plan: _StreamPlan, epoch: int) -> np.ndarray:
-    """The sample numbers this rank visits in `epoch`, in order (batches are consecutive slices)."""
-    permutation = np.random.default_rng(_seed(plan.seed, _EPOCH_ORDER, epoch)).permutation(len(plan.index))
-    return permutation[plan.rank :: plan.world_size][: plan.samples_per_epoch]
+    """The order of all samples in `epoch` (global batches are consecutive slices of it)."""
+    return np.random.default_rng(_seed(plan.seed, _EPOCH_ORDER, epoch)).permutation(len(plan.index))
 
 
 def _stack(samples: list[RawSample], decode: MomentsDecoder, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -151,17 +165,25 @@ def sample_latents(
     moments: np.ndarray,
     scaling_factor: float,
     shift_factor: float,
-    generator: torch.Generator,
+    generators: torch.Generator | Sequence[torch.Generator],
     random_view: bool = True,
 ) -> torch.Tensor:
     """Scaled latents (B, C, H, W) float32 from stored float16 moments (B, V, M, C, H, W).
 
     Picks a view per sample at random (when `random_view` and two are stored, else the original)
-    and draws z = mean + std * eps with eps from `generator`; for pixel data (mean only) z = mean.
+    and draws z = mean + std * eps; for pixel data (mean only) z = mean. `generators` is one per
+    sample (its view, then its eps: a sample's draws do not depend on its batch) or one for the batch.
     """
     batch, views, num_moments = moments.shape[:3]
+    per_sample = not isinstance(generators, torch.Generator)
+
+    def draw(fn, *shape: int) -> np.ndarray:
+        if per_sample:
+            return np.stack([fn(*shape, generator=g).numpy() for g in generators])
+        return fn(batch, *shape, generator=generators).numpy()
+
     if random_view and views > 1:
-        view = torch.randint(0, views, (batch,), generator=generator).numpy()
+        view = draw(lambda *shape, generator: torch.randint(0, views, shape, generator=generator)).reshape(batch)
         chosen = moments[np.arange(batch), view]  # (B, M, C, H, W)
     else:
         chosen = moments[:, 0]
@@ -169,8 +191,7 @@ def sample_latents(
     # elementwise ops do not contend with the training process's threads.
     z = chosen[:, 0].astype(np.float32)
     if num_moments > 1:
-        eps = torch.randn(z.shape, generator=generator).numpy()
-        z += chosen[:, 1].astype(np.float32) * eps
+        z += chosen[:, 1].astype(np.float32) * draw(torch.randn, *z.shape[1:])
     if shift_factor:
         z -= np.float32(shift_factor)
     z *= np.float32(scaling_factor)
@@ -178,17 +199,19 @@ def sample_latents(
 
 
 class LatentLoader:
-    """Endless training batches `{"latents": float32 (B, C, H, W), "labels": int64 (B,)}`.
+    """Endless training micro-batches `{"latents": float32 (B, C, H, W), "labels": int64 (B,),
+    "sample_ids": int64 (B,)}`: each step's global batch cut into this rank's micro-batches, in order.
 
     Args:
         data_dir: a folder written by `mdt encode`.
-        batch_size: samples per batch (per rank).
-        seed: the run's seed; with rank, world size and batch size it fixes the stream.
+        micro_batch: samples per micro-batch (per rank and forward pass).
+        seed: the run's seed; with the global batch it fixes the stream (not the world size).
+        global_batch: samples per optimizer step over all ranks, a multiple of micro_batch x
+            world_size; default micro_batch x world_size (no accumulation).
         rank, world_size: default to the process group's (or 0 and 1).
         num_workers: DataLoader workers reading and decoding (0: in this process); any number
             gives the same batches.
-        samples_per_epoch: per rank; default total // world_size. Rounded down to whole batches.
-        start_batch: the global batch index to start at (for exact resume).
+        start_step: the optimizer step to start at (for exact resume, on any world size).
         shards: names of the manifest's shards to read (e.g. a training split); default all.
         pin_memory: hand out batches in pinned memory (for asynchronous copies to a GPU).
         read_attempts, retry_wait_s: a failed read is tried this often, waiting 1x, 2x, 4x ...
@@ -197,14 +220,14 @@ class LatentLoader:
     def __init__(
         self,
         data_dir: str | Path,
-        batch_size: int,
+        micro_batch: int,
         *,
         seed: int,
+        global_batch: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 2,
-        samples_per_epoch: int | None = None,
-        start_batch: int = 0,
+        start_step: int = 0,
         shards: Sequence[str] | None = None,
         pin_memory: bool = False,
         read_attempts: int = 4,
@@ -216,22 +239,20 @@ class LatentLoader:
             raise UserError(f"{data_dir}: the selected shards hold no samples; pass shards with data.")
         self.rank = distributed.get_rank() if rank is None else rank
         self.world_size = distributed.get_world_size() if world_size is None else world_size
-        if batch_size <= 0 or num_workers < 0 or start_batch < 0 or read_attempts < 1:
-            raise ValueError("batch_size and read_attempts must be positive, num_workers and start_batch >= 0")
+        if micro_batch <= 0 or num_workers < 0 or start_step < 0 or read_attempts < 1:
+            raise ValueError("micro_batch and read_attempts must be positive, num_workers and start_step >= 0")
+        self.global_batch = micro_batch * self.world_size if global_batch is None else global_batch
+        if self.global_batch <= 0 or self.global_batch % (micro_batch * self.world_size):
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {micro_batch} x "
+                             f"{self.world_size} ranks")
         total = sum(e.count for e in entries)
-        most = total // self.world_size
-        self.samples_per_epoch = most if samples_per_epoch is None else samples_per_epoch
-        if not 0 < self.samples_per_epoch <= most:
-            raise ValueError(f"samples_per_epoch must be in 1..{most} (the samples of one rank's share)")
-        self.batches_per_epoch = self.samples_per_epoch // batch_size
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"{data_dir}: {self.samples_per_epoch} samples per rank per epoch do not fill one batch of "
-                f"{batch_size}; lower the batch size or use fewer ranks."
-            )
-        self.batch_size = batch_size
+        self.steps_per_epoch = total // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{data_dir}: its {total} samples do not fill one global batch of {self.global_batch}; "
+                            "lower the batch size or encode more data.")
+        self.micro_batch = micro_batch
         self.num_workers = num_workers
-        self.start_batch = start_batch
+        self.start_step = start_step
         self.pin_memory = pin_memory
         paths = [str(self.manifest.shard_path(e.name)) for e in entries]
         index = build_index(paths, [e.count for e in entries], self.manifest.num_classes,
@@ -243,10 +264,10 @@ class LatentLoader:
             shift_factor=self.manifest.shift_factor,
             seed=seed,
             rank=self.rank,
-            world_size=self.world_size,
-            batch_size=batch_size,
-            samples_per_epoch=self.samples_per_epoch,
-            batches_per_epoch=self.batches_per_epoch,
+            global_batch=self.global_batch,
+            micro_batch=micro_batch,
+            grad_accum=self.global_batch // (micro_batch * self.world_size),
+            steps_per_epoch=self.steps_per_epoch,
             workers=max(1, num_workers),
             read_attempts=read_attempts,
             retry_wait_s=retry_wait_s,
@@ -260,8 +281,12 @@ class LatentLoader:
     def num_classes(self) -> int:
         return self.manifest.num_classes
 
+    @property
+    def grad_accum(self) -> int:
+        return self.plan.grad_accum
+
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _RankBatches(self.plan, self.start_batch)
+        dataset = _RankBatches(self.plan, self.start_step)
         if self.num_workers == 0:
             return iter(dataset)
         loader = DataLoader(
