@@ -207,9 +207,9 @@ def test_checkpoint_failures_leave_a_resumable_run(latents: Path, tmp_path: Path
     assert latest(run)["step"] == 7
 
     # The stream settings cannot change on resume; every checkpoint cut: refused, naming the file.
-    changed = run_cli("train", "--resume", str(run), "--steps", "9", "--micro-batch", "2", timeout=WAIT_S)
+    changed = run_cli("train", "--resume", str(run), "--steps", "9", "--set", "seed=1", timeout=WAIT_S)
     assert changed.returncode == 2
-    assert "micro_batch is 2 but the run was trained with 4" in changed.stderr
+    assert "seed is 1 but the run was trained with 0" in changed.stderr
     for folder in (run / "checkpoints").glob("step_*"):
         (folder / "ema" / "model.safetensors").unlink()
     refused = run_cli("train", "--resume", str(run), "--steps", "9", timeout=WAIT_S)

@@ -3,6 +3,7 @@ resume keeps the settings it was trained with; and the model config and shard sp
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mdt.data.manifest import Manifest
@@ -43,13 +44,40 @@ def check_same_autoencoder(recorded: dict, manifest: Manifest, source: Path) -> 
             f"{recorded.get('resolution')}, or start a new run at resolution {manifest.resolution}")
 
 
-def check_resume_settings(run: RunDir, cfg: TrainConfig, recorded_world: int | None, world: int) -> None:
+def check_resume_settings(run: RunDir, cfg: TrainConfig) -> None:
     # The same check resolve_config makes for the CLI, for callers of train() that built cfg themselves.
     check_unchanged(cfg, load_run_config(run.root))
-    if recorded_world is not None and recorded_world != world:
-        raise UserError(f"--resume {run.root}: the run was trained on {recorded_world} processes and this launch "
-                        f"has {world}; the optimizer's ZeRO partitions and the data split depend on it: launch "
-                        f"{recorded_world} processes, or start a new run with --init-from {run.root}")
+
+
+def fit_global_batch(cfg: TrainConfig, run: RunDir | None, record: dict, world: int) -> TrainConfig:
+    """`cfg` with the grad_accum that makes its global batch on `world` ranks: on --resume (`run`) the
+    checkpoint's global batch, else `global_batch` when set (else `cfg` as it is).
+
+    A resume on another world size keeps the global batch and micro_batch and derives grad_accum; a
+    micro_batch or grad_accum asked for is honoured if the sizes still multiply to the global batch.
+    """
+    recorded = load_run_config(run.root) if run is not None else dataclasses.asdict(TrainConfig())
+    micro_before, accum_before = int(recorded["micro_batch"]), int(recorded.get("grad_accum", 1))
+    if run is not None:
+        global_batch = int(record.get("global_batch", micro_before * accum_before * record.get("world_size", world)))
+    elif cfg.global_batch:
+        global_batch, micro_before = cfg.global_batch, cfg.micro_batch
+    else:
+        return cfg
+    micro = cfg.micro_batch
+    accum = cfg.grad_accum if cfg.grad_accum != accum_before else global_batch // (micro * world)
+    if micro * accum * world == global_batch:
+        return dataclasses.replace(cfg, grad_accum=accum)
+    # What would work: the recorded micro-batch on another number of processes, or another micro-batch here.
+    worlds = [w for w in range(1, global_batch // micro_before + 1) if global_batch % (micro_before * w) == 0]
+    micros = [m for m in range(1, global_batch // world + 1) if global_batch % (m * world) == 0]
+    fixes = [f"launch {' or '.join(map(str, worlds))} processes with micro-batch {micro_before}"] if worlds else []
+    if micros:
+        fixes.append(f"keep {world} and pass --micro-batch {' or '.join(map(str, micros))}")
+    where = f"--resume {run.root}: the run trains" if run is not None else "global_batch: the run trains"
+    raise UserError(f"{where} with a global batch of {global_batch} samples, which {world} processes cannot make "
+                    f"from micro-batches of {micro} x grad_accum {accum}; {', or '.join(fixes)} (leave "
+                    "--grad-accum out: mdt derives it)")
 
 
 def build_model_config(cfg: TrainConfig, manifest: Manifest, init_dir: Path | None) -> ModelConfig:

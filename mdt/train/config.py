@@ -23,8 +23,10 @@ OLD_NAMES = {"adam_betas": "optimizer.betas", "weight_decay": "optimizer.weight_
 # ema_pytorch's warm-up (MaskDM): decay 0 (a copy) up to update_after_step, then
 # 1 - (1 + k / inv_gamma) ** -power at k steps after it, capped at ema_decay.
 EMA_WARMUP_KEYS = ("update_after_step", "inv_gamma", "power")
-# What a resume may change: how long, where and how the run is logged and executed, never what it computes.
+# What a resume may change: how long, where and how the run is logged and executed, never what it computes
+# (micro_batch and grad_accum only as far as the global batch stays: mdt.train.checks.fit_global_batch).
 RESUME_CHANGEABLE = ("steps", "max_wall_seconds", "out", "data", "num_workers", "ckpt_every", "keep_last",
+                     "micro_batch", "grad_accum",
                      "log_every", "val_every", "val_batches", "tensorboard", "compile", "activation_checkpointing",
                      "deepspeed_config", "init_from", "progress")
 DEFAULT_BETAS = {"adamw": (0.9, 0.999), "adan": (0.98, 0.92, 0.99)}  # sail-sg/Adan's and MDTv2's betas
@@ -50,6 +52,10 @@ class TrainConfig:
     max_wall_seconds: float = 0.0
     micro_batch: int = 32
     grad_accum: int = 1
+    # Samples per optimizer step over all ranks (the papers' "batch size"). 0: micro_batch x grad_accum x
+    # the number of processes. Set, grad_accum is derived from it on each launch, so the run trains the
+    # same on 1 GPU or 64, and a resume on another number of processes keeps it (mdt.train.elastic).
+    global_batch: int = 0
     lr: float = 1e-4
     # name (adamw | adan), betas (two for adamw, three for adan), eps, weight_decay; keys left out take
     # the optimizer's defaults (mdt.train.optimizer.OptimizerConfig).
@@ -95,6 +101,7 @@ class TrainConfig:
              and self.max_wall_seconds >= 0, "max_wall_seconds must be 0 (no budget) or a positive number of seconds"),
             (self.micro_batch > 0, "micro_batch must be positive"),
             (self.grad_accum > 0, "grad_accum must be positive"),
+            (self.global_batch >= 0, "global_batch must be 0 (micro_batch x grad_accum x processes) or positive"),
             (self.lr > 0, "lr must be positive"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.ckpt_every > 0, "ckpt_every must be positive"),

@@ -200,6 +200,78 @@ class Engine:
             params[name] = full if full is not None else param.detach().float()
         return params
 
+    @torch.no_grad()
+    def set_full_fp32_params(self, full: dict[str, torch.Tensor]) -> None:
+        """Write whole fp32 parameters into this rank's fp32 masters (the module's low-precision copy is
+        left as it is: build the module from the same weights)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in self.engine.module.named_parameters():
+            safe_set_full_fp32_param(param, full[name].to(self.device, torch.float32))
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer.optimizer  # the torch optimizer over the flat fp32 partitions
+
+    @torch.no_grad()
+    def full_optimizer_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Collective: the optimizer's state as if trained on one rank, for a resume on another world size
+        or ZeRO stage. Returns ({state key: {parameter name: fp32 tensor}} for every per-element state
+        (AdamW's exp_avg and exp_avg_sq, Adan's four moments), and the rest as JSON-ready values:
+        per-partition scalars such as AdamW's step, per-group values such as Adan's step, and the
+        lr schedule's and loss scaler's state)."""
+        base, masters = self._base_optimizer(), self.master_partitions()
+        states = [base.state.get(m, {}) for m in masters]
+        keys = sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() > 0)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        keep = distributed.is_main()  # every rank gathers, only rank 0 keeps a copy (in host memory)
+        for key in keys:
+            with self.masters_replaced_by([state[key] for state in states]):
+                tensors[key] = {}
+                for name, param in self.engine.module.named_parameters():
+                    full = safe_get_full_fp32_param(param)
+                    if keep:
+                        tensors[key][name] = full.cpu()
+        scalars = [{k: _scalar_to_json(v) for k, v in state.items() if k not in keys} for state in states]
+        scaler = getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
+        rest = {
+            "partition_scalars": scalars,
+            "group_steps": [group.get("step") for group in base.param_groups],
+            "lr_scheduler": {k: v for k, v in self.engine.lr_scheduler.state_dict().items() if k != "lr_lambdas"},
+            "loss_scaler": None if scaler is None else scaler.state_dict(),
+        }
+        return tensors, rest
+
+    @torch.no_grad()
+    def load_full_optimizer_state(self, tensors: dict[str, dict[str, torch.Tensor]], rest: dict[str, Any],
+                                  step: int, global_batch: int) -> None:
+        """Inverse of full_optimizer_state on this engine's world size and ZeRO stage (each rank keeps its
+        partition), and DeepSpeed's step counters set to `step`."""
+        base, masters = self._base_optimizer(), self.master_partitions()
+        if len(rest["partition_scalars"]) != len(masters) and rest["partition_scalars"]:
+            rest = {**rest, "partition_scalars": [rest["partition_scalars"][0]] * len(masters)}
+        for key, full in tensors.items():
+            parts = [torch.zeros_like(m) for m in masters]
+            self.scatter_full_params(full, into=parts)
+            for master, part in zip(masters, parts, strict=True):
+                base.state[master][key] = part
+        for master, scalars in zip(masters, rest["partition_scalars"], strict=True):
+            for key, value in scalars.items():
+                base.state[master][key] = _scalar_from_json(value, master.device)
+        for group, group_step in zip(base.param_groups, rest["group_steps"], strict=False):
+            if group_step is not None:
+                group["step"] = group_step
+        scheduler = self.engine.lr_scheduler
+        scheduler.load_state_dict({**rest["lr_scheduler"], "lr_lambdas": [None] * len(base.param_groups)})
+        for group, lr in zip(base.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+        scaler = getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
+        if scaler is not None and rest.get("loss_scaler"):
+            scaler.load_state_dict(rest["loss_scaler"])
+        self.engine.global_steps = step
+        self.engine.global_samples = step * global_batch
+
     def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
         """Collective: every rank writes its optimizer partition under directory/tag."""
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
@@ -211,3 +283,18 @@ class Engine:
             raise UserError(f"could not load the DeepSpeed checkpoint {directory / tag}; it is incomplete or from "
                             "another ZeRO layout; resume with the same world size and DeepSpeed config")
         return client_state
+
+
+def _scalar_to_json(value: Any) -> Any:
+    """A per-partition optimizer scalar (AdamW keeps its step as a 0-d tensor) as JSON."""
+    if torch.is_tensor(value):
+        return {"tensor": value.item(), "dtype": str(value.dtype).removeprefix("torch."),
+                "on_partition_device": value.device.type != "cpu"}
+    return value
+
+
+def _scalar_from_json(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict) and "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]),
+                            device=device if value["on_partition_device"] else "cpu")
+    return value

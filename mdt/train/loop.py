@@ -2,8 +2,9 @@
 
 One program for one CPU process and for many GPU nodes: DeepSpeed (mdt.train.engine) does the
 distribution. Each step's randomness (timesteps, noise, class dropout, masks) comes from a generator
-seeded by (seed, step, micro-batch, rank) and the data stream is a pure function of the batch index,
-so a resumed run repeats exactly what an uninterrupted one would have done.
+seeded by (seed, step, micro-batch index within the global batch), never by rank, and the data stream
+is a pure function of the step (mdt.data.reader): a resumed run repeats exactly what an uninterrupted
+one would have done, on the same or (mdt.train.elastic) another number of ranks.
 
 `_train` reads in phases: find where the weights come from (`_find_origin`), build the model, objective
 and engine (`_set_up`), load the step, clock and EMA to go on from (`_resume`), record the run
@@ -39,10 +40,12 @@ from mdt.train.checks import (
     check_data_matches_model,
     check_resume_settings,
     check_same_autoencoder,
+    fit_global_batch,
     split_shards,
 )
 from mdt.train.clock import RunClock
 from mdt.train.config import TrainConfig
+from mdt.train.elastic import ELASTIC_DIR, load_elastic_state, read_elastic_record, world_layout_changed
 from mdt.train.ema import EMA
 from mdt.train.engine import Engine, init_process_group, resolve_deepspeed_config
 from mdt.train.metrics_log import MetricsLog
@@ -128,13 +131,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool) -> TrainResult:
     manifest = read_manifest(cfg.data)
+    # The global batch is kept on any world size: the resumed checkpoint's, or global_batch when set.
+    record = run.latest_record() if resume else None
+    cfg = fit_global_batch(cfg, run if record else None, record or {}, distributed.get_world_size())
     origin = _find_origin(cfg, run, resume, manifest)
     parts = _set_up(cfg, manifest, origin)
     start = _resume(cfg, run, origin, parts)
     data_manifest = manifest.to_dict()
     _record_start(cfg, run, manifest, parts, data_manifest, start.step)
     checkpointer = Checkpointer(parts.engine, run, start.ema, parts.model, parts.diffusion.to_dict(), data_manifest,
-                                cfg.keep_last, parts.world, start.clock)
+                                cfg.keep_last, parts.world, parts.global_batch, start.clock)
     result = _train_steps(cfg, run, parts, checkpointer, start.step, resume)
     if result.interrupted_by is None:
         _finish(cfg, run, parts, result, start.clock)
@@ -149,11 +155,12 @@ def _find_origin(cfg: TrainConfig, run: RunDir, resume: bool, manifest: Manifest
             distributed.print0(f"mdt train: skipping an incomplete checkpoint: {problem}")
         if skipped:
             distributed.print0(f"mdt train: resuming from {tag}, the newest whole checkpoint")
-        record = run.latest_record() or {}
-        check_resume_settings(run, cfg, record.get("world_size"), distributed.get_world_size())
+        check_resume_settings(run, cfg)
         check_same_autoencoder(read_json(run.data_manifest), manifest, run.root)
-        origin = Origin(read_model_config(run.checkpoints / tag / "ema"), resume_tag=tag,
-                        ema=run.checkpoints / tag / "ema")
+        folder = run.checkpoints / tag
+        # The model starts from the checkpoint's fp32 weights: exact where DeepSpeed's partitions cannot load.
+        origin = Origin(read_model_config(folder / "ema"), resume_tag=tag, ema=folder / "ema",
+                        weights=folder / "weights" if (folder / "weights").is_dir() else None)
     elif run.latest() is not None:
         raise UserError(f"{run.root} already holds a run; pass --resume {run.root} to continue it, "
                         "or choose another --out")
@@ -223,16 +230,37 @@ def _make_objective(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Diffusion
 
 def _resume(cfg: TrainConfig, run: RunDir, origin: Origin, parts: Parts) -> Start:
     """Load the checkpoint's engine state, step and training time (on --resume), then start the EMA."""
-    engine = parts.engine
     step, prior_seconds = 0, 0.0
     if origin.resume_tag is not None:
-        client_state = engine.load(run.checkpoints, origin.resume_tag)
-        step = int(client_state["step"])
-        prior_seconds = float(client_state.get("train_seconds", 0.0))  # 0 for checkpoints older than the budget
+        step, prior_seconds = _load_checkpoint(run, origin, parts)
+    engine = parts.engine
     ema = EMA(engine.master_partitions(), cfg.ema_decay, **cfg.ema_warmup)
     if origin.ema is not None:
         engine.scatter_full_params(read_weights(origin.ema), into=ema.shadow)
     return Start(step, RunClock(prior_seconds), ema)
+
+
+def _load_checkpoint(run: RunDir, origin: Origin, parts: Parts) -> tuple[int, float]:
+    """The optimizer state, step and training seconds of the resumed checkpoint: DeepSpeed's partitions when
+    the world size and ZeRO stage are the ones that wrote them, else the whole state (mdt.train.elastic)."""
+    engine, tag = parts.engine, origin.resume_tag
+    folder = run.checkpoints / tag / ELASTIC_DIR
+    elastic = read_elastic_record(folder)
+    latest = run.latest_record() or {}
+    layout = elastic or (latest if latest.get("tag") == tag else {})  # {}: older than the record, try DeepSpeed's
+    if not world_layout_changed(layout, parts.world, engine.zero_stage):
+        client_state = engine.load(run.checkpoints, tag)
+        return int(client_state["step"]), float(client_state.get("train_seconds", 0.0))  # 0: before the budget
+    if elastic is None or origin.weights is None:
+        raise UserError(f"--resume {run.root}: checkpoint {tag} was written on {layout['world_size']} processes "
+                        "before mdt saved optimizer state for any world size; launch "
+                        f"{layout['world_size']} processes to resume it, or start a new run with --init-from {run.root}")
+    distributed.print0(f"mdt train: resuming {tag} written on {elastic['world_size']} processes (ZeRO-"
+                       f"{elastic['zero_stage']}) on {parts.world} (ZeRO-{engine.zero_stage}): loading the whole "
+                       f"optimizer state from {folder}")
+    engine.set_full_fp32_params(read_weights(origin.weights))
+    load_elastic_state(engine, folder, elastic, parts.global_batch)
+    return int(elastic["step"]), float(elastic["train_seconds"])
 
 
 def _record_start(cfg: TrainConfig, run: RunDir, manifest: Manifest, parts: Parts, data_manifest: dict,
@@ -261,8 +289,9 @@ def _train_steps(cfg: TrainConfig, run: RunDir, parts: Parts, checkpointer: Chec
     # Pinned batches copy to a GPU without making the host wait for it.
     on_gpu = engine.device.type == "cuda"
     stop = StopRequest()  # from here a signal means: finish the step, checkpoint, exit 143
-    loader = iter(LatentLoader(cfg.data, cfg.micro_batch, seed=cfg.seed, num_workers=cfg.num_workers,
-                               start_batch=start_step * cfg.grad_accum, shards=parts.train_shards, pin_memory=on_gpu))
+    loader = iter(LatentLoader(cfg.data, cfg.micro_batch, global_batch=parts.global_batch, seed=cfg.seed,
+                               num_workers=cfg.num_workers, start_step=start_step, shards=parts.train_shards,
+                               pin_memory=on_gpu))
     window = Window()
     clock.start()
     budget = float(cfg.max_wall_seconds)
@@ -326,7 +355,9 @@ def _step(cfg: TrainConfig, parts: Parts, ema: EMA, loader, step: int, on_gpu: b
     step_parts: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         batch = next(loader)
-        gen = torch.Generator(device=engine.device).manual_seed(mix_seed(cfg.seed, step, micro, parts.rank))
+        # Keyed by the micro-batch's place in the global batch: the same draws on any number of ranks.
+        index_in_step = parts.rank * cfg.grad_accum + micro
+        gen = torch.Generator(device=engine.device).manual_seed(mix_seed(cfg.seed, step, index_in_step))
         latents = batch["latents"].to(engine.device, non_blocking=on_gpu)
         labels = batch["labels"].to(engine.device, non_blocking=on_gpu)
         out = parts.objective(engine, latents, labels, gen)
@@ -340,10 +371,12 @@ def _step(cfg: TrainConfig, parts: Parts, ema: EMA, loader, step: int, on_gpu: b
 
 
 def _train_record(step: int, window: Window, parts: Parts, clock_seconds: float) -> dict:
-    """The metrics.jsonl record of the steps in `window`."""
+    """The metrics.jsonl record of the steps in `window`: the loss and its parts of the global batch
+    (averaged over every rank's micro-batches), so runs on different world sizes compare step by step."""
     engine = parts.engine
     images_per_s = parts.global_batch * window.steps / window.seconds
-    record = {"step": step, **{k: v / window.steps for k, v in window.sums.items()}, "lr": engine.lr(),
+    means = _mean_over_ranks(window.sums, engine.device)
+    record = {"step": step, **{k: v / window.steps for k, v in means.items()}, "lr": engine.lr(),
               "grad_norm": engine.grad_norm(), "images_per_s": images_per_s,
               "tokens_per_s": images_per_s * parts.model_cfg.num_tokens, "step_time_s": window.seconds / window.steps,
               "peak_memory_gb": peak_memory_gb(engine.device),
@@ -353,6 +386,15 @@ def _train_record(step: int, window: Window, parts: Parts, clock_seconds: float)
     if (scale := engine.loss_scale()) is not None:
         record["loss_scale"] = scale
     return record
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Collective: each value averaged over the ranks (every rank logs at the same steps)."""
+    if not distributed.is_initialized() or distributed.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(values, (tensor / distributed.get_world_size()).tolist(), strict=True))
 
 
 def _finish(cfg: TrainConfig, run: RunDir, parts: Parts, result: TrainResult, clock: RunClock) -> None:

@@ -5,8 +5,10 @@
     RUN/metrics.jsonl          one JSON object per logged step or validation
     RUN/metrics.json           summary, written at the end
     RUN/ema/                   latest EMA export (what `mdt sample --ckpt RUN` reads)
-    RUN/checkpoints/LATEST.json           {"tag", "step", "world_size"} of the newest complete checkpoint
-    RUN/checkpoints/step_00001000/        DeepSpeed state (exact resume) + ema/ + weights/
+    RUN/checkpoints/LATEST.json           {"tag", "step", "world_size", "zero_stage", "global_batch"} of the
+                                          newest complete checkpoint
+    RUN/checkpoints/step_00001000/        DeepSpeed state (exact resume) + elastic/ (the same optimizer state
+                                          whole: mdt.train.elastic) + ema/ + weights/
     RUN/checkpoints/step_00001000/files.json   every file of the checkpoint and its size, written last
 
 The ema/ and weights/ folders are export folders (mdt.checkpoints.export_folder).
@@ -76,8 +78,9 @@ class RunDir:
         except (OSError, ValueError):
             return None  # unreadable: `resumable` falls back to the folders' own records
 
-    def mark_latest(self, tag: str, step: int, world_size: int) -> None:
-        write_json(self.checkpoints / LATEST, {"tag": tag, "step": step, "world_size": world_size})
+    def mark_latest(self, tag: str, step: int, layout: dict) -> None:
+        """Make `tag` the checkpoint a resume starts from; `layout`: world_size, zero_stage, global_batch."""
+        write_json(self.checkpoints / LATEST, {"tag": tag, "step": step, **layout})
 
     def record_files(self, tag: str) -> None:
         """Write tag/files.json: every file of the finished checkpoint with its size."""
