@@ -27,6 +27,7 @@ from mdt.diffusion.objectives import (
     patchify,
 )
 from mdt.models.masking import MASKERS, check_ratio
+from mdt.models.routing import draw_route_scores
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,14 @@ def preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, T
 
 
 def denoise(model: nn.Module, x: Tensor, sigma: Tensor, y: Tensor, mask: Tensor | None = None, *,
-            sigma_data: float = 0.5) -> Tensor:
+            sigma_data: float = 0.5, route_scores: list[Tensor] | None = None) -> Tensor:
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), in float32. `sigma` is (B,) or (1,)."""
     x = x.to(torch.float32)
     c_skip, c_out, c_in, c_noise = preconditioning(sigma, sigma_data)
     c_noise = c_noise.expand(x.shape[0]) if c_noise.numel() == 1 else c_noise
     scaled = (c_in * x).to(parameter_dtype(model))
-    f = model(scaled, c_noise, y) if mask is None else model(scaled, c_noise, y, mask)
+    routed = {"route_scores": route_scores} if route_scores is not None else {}
+    f = model(scaled, c_noise, y, **routed) if mask is None else model(scaled, c_noise, y, mask, **routed)
     return c_skip * x + c_out * f.float()
 
 
@@ -91,7 +93,7 @@ class EDMObjective:
 
     def __init__(self, cfg: EDMConfig, *, num_classes: int, grid_size: int, patch_size: int,
                  class_dropout: float = 0.1, mask_ratio: float = 0.0, mae_weight: float = 0.0,
-                 masker: str = "random"):
+                 masker: str = "random", routes: int = 0):
         check_ratio(mask_ratio)
         check_dropout(class_dropout)
         self.cfg = cfg
@@ -102,16 +104,17 @@ class EDMObjective:
         self.mask_ratio = mask_ratio
         self.mae_weight = mae_weight
         self.masker = MASKERS[masker]
+        self.routes = routes  # the model's TREAD routes: their token choices are drawn last
 
     def weight(self, sigma: Tensor) -> Tensor:
         return (sigma**2 + self.cfg.sigma_data**2) / (sigma * self.cfg.sigma_data) ** 2
 
     def terms(self, model: nn.Module, x0: Tensor, y: Tensor, sigma: Tensor, noise: Tensor,
-              mask: Tensor | None) -> dict[str, Tensor]:
+              mask: Tensor | None, route_scores: list[Tensor] | None = None) -> dict[str, Tensor]:
         """Per-sample loss terms at sigma (B,) with unit noise (B, C, H, W)."""
         x0 = x0.float()
         noisy = x0 + noise * sigma.view(-1, 1, 1, 1)
-        d = denoise(model, noisy, sigma, y, mask, sigma_data=self.cfg.sigma_data)
+        d = denoise(model, noisy, sigma, y, mask, sigma_data=self.cfg.sigma_data, route_scores=route_scores)
         loss = self.weight(sigma).view(-1, 1, 1, 1) * (d - x0) ** 2  # (B, C, H, W)
         if mask is None:
             return {"denoise": loss.flatten(1).mean(1)}
@@ -140,7 +143,9 @@ class EDMObjective:
         mask = None
         if self.mask_ratio > 0:
             mask = self.masker(b, self.grid_size, self.mask_ratio, generator=generator, device=x0.device)
-        terms = self.terms(model, x0, y, sigma.to(x0.device), noise.to(x0.device), mask)
+        scores = (draw_route_scores(self.routes, b, self.grid_size**2, generator, x0.device) if self.routes
+                  else None)
+        terms = self.terms(model, x0, y, sigma.to(x0.device), noise.to(x0.device), mask, scores)
         return combine({"": terms})
 
     def validation_terms(self, model: nn.Module, x0: Tensor, y: Tensor, sample_ids: Tensor,

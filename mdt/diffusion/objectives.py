@@ -22,6 +22,7 @@ from torch import nn
 from mdt.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from mdt.diffusion.schedule import NoiseSchedule
 from mdt.models.masking import MASKERS, check_ratio
+from mdt.models.routing import draw_route_scores
 
 
 @dataclass
@@ -89,12 +90,14 @@ class DiffusionObjective:
     """DiT: one pass over all tokens."""
 
     def __init__(self, schedule: NoiseSchedule, *, num_classes: int, class_dropout: float = 0.1,
-                 learn_sigma: bool = True, min_snr_gamma: float | None = None):
+                 learn_sigma: bool = True, min_snr_gamma: float | None = None, routes: int = 0,
+                 num_tokens: int = 0):
         check_dropout(class_dropout)
         self.schedule = schedule
         self.num_classes = num_classes
         self.class_dropout = class_dropout
         self.denoising_loss = DenoisingLoss(schedule, learn_sigma=learn_sigma, min_snr_gamma=min_snr_gamma)
+        self.routes, self.num_tokens = routes, num_tokens  # the model's TREAD routes (DiT), drawn last
 
     def draw_timesteps(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
@@ -115,15 +118,19 @@ class DiffusionObjective:
         return (t, *self.draw_noise_and_labels(x0, y, generator))
 
     def pass_loss(self, model: nn.Module, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                  noise: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = model(xt.to(parameter_dtype(model)), t, y, mask)
+                  noise: torch.Tensor, mask: torch.Tensor | None = None,
+                  route_scores: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        routed = {"route_scores": route_scores} if route_scores is not None else {}
+        out = model(xt.to(parameter_dtype(model)), t, y, mask, **routed)
         return self.denoising_loss(out, x0.float(), xt, t, noise)
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                  generator: torch.Generator | None = None) -> LossOutput:
         t, noise, y = self.draw(x0, y, generator)
+        scores = (draw_route_scores(self.routes, x0.shape[0], self.num_tokens, generator, x0.device)
+                  if self.routes else None)
         xt = self.schedule.q_sample(x0.float(), t, noise)
-        terms = self.pass_loss(model, x0, xt, t, y, noise)
+        terms = self.pass_loss(model, x0, xt, t, y, noise, route_scores=scores)
         return combine({"": terms})
 
 

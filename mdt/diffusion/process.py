@@ -39,14 +39,16 @@ def diffusion_from_dict(data: dict[str, Any], *, family: str | None = None) -> D
 
 
 def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size: int, learn_sigma: bool = True,
-                   diffusion: DiffusionConfig | None = None, **options: Any) -> DiffusionObjective | EDMObjective:
+                   diffusion: DiffusionConfig | None = None, routes: int = 0,
+                   **options: Any) -> DiffusionObjective | EDMObjective:
     """The objective of a model family under `diffusion` (default: the family's formulation), with the
     papers' defaults; `options` override them.
 
     DDPM: DiT plain; MDT mask ratio 0.3; MDTv2 ratio in [0.3, 0.5] with Min-SNR-5; the U-ViT MaskDM's
     MDSM (4x4-patch blocks, ratio 0.9; ratio 0 fine-tunes), no class dropout. EDM: MaskDiT mask
     ratio 0.5 with MAE weight 0.1; DiT unmasked (a baseline MaskDiT's paper compares with). Class
-    dropout 0.1 for all.
+    dropout 0.1 for all. `routes`: the model's number of TREAD routes (DiT, MaskDiT), whose token
+    choices the objective draws.
     """
     if diffusion is None:
         diffusion = diffusion_from_dict({"learn_sigma": learn_sigma}, family=family)
@@ -56,7 +58,7 @@ def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size:
                              "use formulation ddpm")
         defaults = {"mask_ratio": 0.5, "mae_weight": 0.1} if family == "maskdit" else {}
         return EDMObjective(diffusion, num_classes=num_classes, grid_size=grid_size, patch_size=patch_size,
-                            **{**defaults, **options})
+                            routes=routes, **{**defaults, **options})
     if family == "maskdit":
         raise ValueError("MaskDiT trains with EDM (its paper's formulation); use formulation edm")
     if family == "uvit":  # MaskDM: MDSM pre-training (block masks, 90%); mask_ratio 0 is its fine-tuning
@@ -65,7 +67,7 @@ def make_objective(family: str, *, num_classes: int, grid_size: int, patch_size:
     schedule = NoiseSchedule(diffusion)
     common = {"num_classes": num_classes, "learn_sigma": learn_sigma}
     if family == "dit":
-        return DiffusionObjective(schedule, **common, **options)
+        return DiffusionObjective(schedule, **common, routes=routes, num_tokens=grid_size**2, **options)
     if family == "mdt":
         return MDTObjective(schedule, grid_size=grid_size, **{"mask_ratio": 0.3, **common, **options})
     if family == "mdtv2":

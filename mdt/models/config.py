@@ -7,6 +7,17 @@ from dataclasses import dataclass
 
 FAMILIES = ("dit", "mdt", "mdtv2", "maskdit", "uvit")
 RESTORES = ("none", "side_interpolater", "mask_token")
+ROUTED_FAMILIES = ("dit", "maskdit")  # TREAD's routes: DiT, and MaskDiT's encoder (after its masking)
+
+
+@dataclass(frozen=True)
+class Route:
+    """TREAD (Krause et al. 2025): in training, `ratio` of the tokens entering block `start` skip the
+    blocks `start`..`end` (both included) and rejoin, as they were before `start`, after `end`."""
+
+    ratio: float
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -49,8 +60,15 @@ class ModelConfig:
     learn_pos_embed: bool = False
     null_embedding: str = "learned"  # the null class's embedding: "learned" (DiT, MDT) or "zero" (MaskDiT)
     attention_backend: str | None = None
+    routes: tuple[Route, ...] = ()  # TREAD token routing in training, in order; no parameters, none at inference
 
     def __post_init__(self) -> None:
+        try:
+            routes = tuple(r if isinstance(r, Route) else Route(**r) for r in self.routes)
+        except TypeError:
+            raise ValueError(f"routes must be a list of {{ratio, start, end}} mappings, got {self.routes!r}") from None
+        object.__setattr__(self, "routes", routes)
+        self._check_routes()
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.null_embedding not in ("learned", "zero"):
@@ -73,6 +91,20 @@ class ModelConfig:
                                  f"no learned sigma and num_classes >= 0; got depth={self.depth}, "
                                  f"restore={self.restore!r}, learn_sigma={self.learn_sigma}, "
                                  f"num_classes={self.num_classes}")
+
+    def _check_routes(self) -> None:
+        if self.routes and (self.family not in ROUTED_FAMILIES or self.rel_pos_bias):
+            raise ValueError(f"routes (TREAD) apply to DiT and MaskDiT's encoder; {self.name} ({self.family}) "
+                             "cannot route tokens: drop model_options.routes")
+        last_end = -1
+        for route in self.routes:
+            if not 0 < route.ratio < 1:
+                raise ValueError(f"a route's ratio is the share of tokens routed, in (0, 1); got {route.ratio}")
+            if not last_end < route.start <= route.end < self.encoder_depth:
+                raise ValueError(f"route {{start: {route.start}, end: {route.end}}} does not fit: a route spans blocks "
+                                 f"start..end with 0 <= start <= end < {self.encoder_depth} (the encoder's depth), "
+                                 "each starting after the previous one ends")
+            last_end = route.end
 
     @property
     def grid_size(self) -> int:

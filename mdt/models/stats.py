@@ -30,9 +30,11 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def model_stats(name: str, mask_ratio: float = 0.0, *, backward: bool = False, **options) -> ModelStats:
+def model_stats(name: str, mask_ratio: float = 0.0, *, backward: bool = False, routed: bool = False,
+                **options) -> ModelStats:
     """Parameters and per-image FLOPs of one pass of preset `name` with `mask_ratio` of its tokens
-    dropped, and of its backward pass (`backward`: a loss of the output, no gradient of the input).
+    dropped, and of its backward pass (`backward`: a loss of the output, no gradient of the input);
+    `routed`: a training pass along the model's TREAD routes (`options["routes"]`).
     An unmasked pass runs on the meta device (no memory, no time); a masked one on a CPU model,
     because the kept-token count is read from the mask's values, which the meta device lacks."""
     device = "cpu" if mask_ratio else "meta"
@@ -42,11 +44,12 @@ def model_stats(name: str, mask_ratio: float = 0.0, *, backward: bool = False, *
     x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     mask = random_mask(1, cfg.grid_size, mask_ratio, generator=torch.Generator().manual_seed(0)) if mask_ratio else None
+    scores = [torch.rand(1, cfg.num_tokens, device=device) for _ in cfg.routes] if routed else None
     outputs = []
 
     def forward() -> None:
         with torch.set_grad_enabled(backward):
-            outputs.append(model(x, t, t, mask).float().sum())
+            outputs.append(model(x, t, t, mask, route_scores=scores).float().sum())
 
     forward_flops = count_flops(forward)
     backward_flops = count_flops(outputs[0].backward) if backward else None

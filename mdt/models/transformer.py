@@ -1,9 +1,11 @@
 """One diffusion transformer for every family: embed -> encoder -> restore -> decoder -> patches.
 
-Forward contract shared by all families: `model(x, t, y, mask=None)` maps noisy latents
+Forward contract shared by all families: `model(x, t, y, mask=None, route_scores=None)` maps noisy latents
 x (B, C, H, W), timesteps t (B,) and labels y (B,) (value `num_classes` = null class) to the
 prediction for the whole grid, (B, 2C, H, W) with learned sigma. `mask` (B, N) bool marks tokens to
-DROP; the encoder then really runs on the kept tokens only. The model draws no random numbers.
+DROP; the encoder then really runs on the kept tokens only. `route_scores` (per configured route, a (B, N)
+uniform score per grid token, in training) routes tokens around spans of encoder blocks (TREAD,
+mdt.models.routing). The model draws no random numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mdt.models.config import ModelConfig
 from mdt.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from mdt.models.masking import kept_indices
 from mdt.models.relative_position import RelativePositionBias
+from mdt.models.routing import Router
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, depth: int, grid_size: int | None):
         super().__init__()
+        self.routes = cfg.routes
         self.num_skips = depth // 2 if cfg.long_skips else 0
         self.blocks = nn.ModuleList(
             Block(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, grid_size=grid_size,
@@ -72,11 +76,16 @@ class Encoder(nn.Module):
             for i in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, keep: torch.Tensor | None,
+                route_scores: list[torch.Tensor] | None = None) -> torch.Tensor:
         skips = []
+        router = Router(self.routes, route_scores)  # no routes without scores: inference, validation
         for i, block in enumerate(self.blocks):
             takes_skip = i >= len(self.blocks) - self.num_skips
-            x = block(x, c, keep, skips.pop() if takes_skip else None)
+            x = router.before(i, x)
+            with router.block_context(x):
+                x = block(x, c, keep, skips.pop() if takes_skip else None)
+            x = router.after(i, x)
             if i < self.num_skips:
                 skips.append(x)
         return x
@@ -203,21 +212,31 @@ class DiffusionTransformer(nn.Module):
                                  f"got {tuple(mask.shape)} {mask.dtype}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, route_scores: list[torch.Tensor] | None = None) -> torch.Tensor:
         self.check_inputs(x, t, y, mask)
+        self.check_route_scores(route_scores, x.shape[0])
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed.to(tokens.dtype)  # (B, N, D); buffers may stay fp32 under DeepSpeed bf16
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         keep = kept_indices(mask) if mask is not None else None  # (B, K)
 
         h = tokens if keep is None else gather_tokens(tokens, keep)  # (B, K, D)
-        h = self.encoder(h, c, keep)
+        if keep is not None and route_scores is not None:  # masked: route among the visible tokens
+            route_scores = [scores.gather(1, keep) for scores in route_scores]
+        h = self.encoder(h, c, keep, route_scores)
         if self.restore is not None:
             h = self.restore(h, c, keep, mask)  # (B, N, D_dec)
         input_skip = tokens if self.config.input_skip else None
         for block in self.decoder:
             h = block(h, c, skip=input_skip)
         return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
+
+    def check_route_scores(self, scores: list[torch.Tensor] | None, batch: int) -> None:
+        cfg = self.config
+        if scores is not None and (len(scores) != len(cfg.routes)
+                                   or any(s.shape != (batch, cfg.num_tokens) for s in scores)):
+            raise ValueError(f"{cfg.name} has {len(cfg.routes)} route(s): pass as many (B, {cfg.num_tokens}) score "
+                             f"tensors, one score per grid token, got {[tuple(s.shape) for s in scores]}")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""

@@ -220,7 +220,7 @@ def _make_objective(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Diffusion
                                         family=model_cfg.family)
         objective = make_objective(model_cfg.family, diffusion=diffusion, num_classes=model_cfg.num_classes,
                                    grid_size=model_cfg.grid_size, patch_size=model_cfg.patch_size,
-                                   learn_sigma=model_cfg.learn_sigma, **cfg.objective)
+                                   learn_sigma=model_cfg.learn_sigma, routes=len(model_cfg.routes), **cfg.objective)
     except ValueError as err:
         raise UserError(f"{model_cfg.name} with diffusion settings {cfg.diffusion or '{}'}: {err}") from None
     except TypeError as err:
@@ -271,8 +271,10 @@ def _record_start(cfg: TrainConfig, run: RunDir, manifest: Manifest, parts: Part
         cfg.save(run.config)
         write_json(run.data_manifest, data_manifest)
     world = parts.world
+    routes = "".join(f", TREAD routes {r.start}-{r.end} at {r.ratio:g}" for r in parts.model_cfg.routes)
     distributed.print0(
-        f"mdt train: {parts.model_cfg.name} ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.1f}M params) "
+        f"mdt train: {parts.model_cfg.name} ({sum(p.numel() for p in parts.model.parameters()) / 1e6:.1f}M params"
+        f"{routes}) "
         f"on {manifest.root} [{len(parts.train_shards)} train / {len(parts.val_shards)} val shards], world size "
         f"{world}, global batch {parts.global_batch} = micro {cfg.micro_batch} x accum {cfg.grad_accum} x {world} "
         f"ranks, ZeRO-{parts.engine.zero_stage}, {cfg.optimizer['name']}, {parts.precision}, "
