@@ -1,13 +1,15 @@
-"""DiT, MDTv2 and MaskDiT trained for the same wall-clock budget on one latent dataset, then compared.
+"""DiT, MDTv2, MaskDiT and TREAD trained for the same wall-clock budget on one latent dataset, then compared.
 
-The papers' claim is that masked training reaches a given quality sooner; this measures it on your
-data and machine. Every step is the command a user types (`mdt train`, `mdt sample`, `mdt fid`):
+The papers' claim is that masked training (MDTv2, MaskDiT) or token routing (TREAD, a DiT whose
+tokens partly skip a span of blocks) reaches a given quality sooner; this measures it on your data
+and machine. Every step is the command a user types (`mdt train`, `mdt sample`, `mdt fid`):
 each family trains at the same size (width, depth, patch) with one optimizer setting (AdamW, lr 1e-3
 constant after 50 warm-up steps, the demo recipe's batch, clip and EMA) and its paper recipe's objective (MDTv2's mask ratio and Min-SNR, MaskDiT's 50% mask and MAE weight
-under EDM, DiT unmasked). Training runs in --points segments of the budget (`mdt train
+under EDM, TREAD's route under EDM, DiT unmasked; TREAD's route is placed by its paper's rule at the
+model's depth, mdt.models.routing.paper_route). Training runs in --points segments of the budget (`mdt train
 --max-wall-seconds`, then `--resume` with a larger budget: resume is exact, so the run is the
 uninterrupted one); after each segment the EMA weights are sampled, each family with its own sampler
-at the same network evaluations per sample (DDIM for the DDPM models, EDM's Heun for MaskDiT), and
+at the same network evaluations per sample (DDIM for the DDPM models, EDM's Heun for MaskDiT and TREAD), and
 scored with `mdt fid` against held-out images. Families take turns segment by segment, so a load
 spike on a shared machine does not fall on one family alone.
 
@@ -22,6 +24,7 @@ also go to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +39,8 @@ from pathlib import Path
 from mdt.errors import UserError
 from mdt.eval.plots import read_log
 from mdt.fileio import atomic_path
-from mdt.models.registry import SIZES
+from mdt.models.registry import SIZES, model_config
+from mdt.models.routing import paper_route
 from mdt.recipe import recipe_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +49,12 @@ DEMO_RECIPE = REPO / "pipelines" / "demo.yaml"
 COMMON_OPTIMIZER = ("--lr", "1e-3", "--set", "lr_schedule=constant", "--set", "warmup_steps=50")
 DS_CONFIG = REPO / "deepspeed_configs" / "zero2.json"
 # Each family's objective settings are its paper recipe's (mask ratio, MAE weight, Min-SNR).
-PAPER_RECIPES = {"DiT": "dit-xl2-in256.yaml", "MDTv2": "mdtv2-xl2-in256.yaml", "MaskDiT": "maskdit-xl2-in256.yaml"}
+PAPER_RECIPES = {"DiT": "dit-xl2-in256.yaml", "MDTv2": "mdtv2-xl2-in256.yaml", "MaskDiT": "maskdit-xl2-in256.yaml",
+                 "TREAD": "tread-dit-b2-in256.yaml"}
+PRESET_FAMILY = {"TREAD": "DiT"}  # TREAD is a DiT with routes, not a model family of its own
 MARKER = ".compare_families"  # a work folder holding it was written by this tool and may be replaced
 NEVER = 10**9  # steps: the budget, not the step count, ends each run
-COLORS = {"DiT": "tab:blue", "MDTv2": "tab:orange", "MaskDiT": "tab:green"}
+COLORS = {"DiT": "tab:blue", "MDTv2": "tab:orange", "MaskDiT": "tab:green", "TREAD": "tab:red"}
 
 
 def progress(message: str) -> None:
@@ -93,9 +99,20 @@ def parse_size(size: str) -> str:
     return f"{match.group(1)}/2"
 
 
-def paper_objective(family: str) -> list[str]:
-    objective = recipe_section(REPO / "pipelines" / PAPER_RECIPES[family], "train").get("objective", {})
-    return [arg for key, value in objective.items() for arg in ("--set", f"objective.{key}={value}")]
+def paper_settings(family: str, model: str, input_size: int) -> list[str]:
+    """The paper recipe's objective, formulation and model options (a route placed at this depth)."""
+    train = recipe_section(REPO / "pipelines" / PAPER_RECIPES[family], "train")
+    options = {**train.get("model_options", {}), "input_size": input_size}
+    if "routes" in options:
+        options["routes"] = [dataclasses.asdict(paper_route(model_config(model).depth))]
+    objective = [arg for key, value in train.get("objective", {}).items()
+                 for arg in ("--set", f"objective.{key}={value}")]
+    return ["--set", f"model_options={json.dumps(options)}", "--set", f"diffusion={json.dumps(train.get('diffusion', {}))}",
+            *objective]
+
+
+def model_name(family: str, size: str) -> str:
+    return f"{PRESET_FAMILY.get(family, family)}-{size}"
 
 
 def train_to(family: str, model: str, run: Path, args: argparse.Namespace, seconds: float, input_size: int) -> None:
@@ -107,8 +124,7 @@ def train_to(family: str, model: str, run: Path, args: argparse.Namespace, secon
         "--out", str(run), "--model", model, "--steps", str(NEVER), *budget, "--val-every", str(args.val_every),
         # Each family under its paper's formulation and output (the demo's own is DiT under EDM), at one
         # constant lr for all (the demo's cosine schedule spans a fixed number of steps, not a budget).
-        "--set", f"model_options={{input_size: {input_size}}}", "--set", "diffusion={}", *COMMON_OPTIMIZER,
-        *paper_objective(family),
+        *paper_settings(family, model, input_size), *COMMON_OPTIMIZER,
         what=f"{family} to {seconds:.0f} s")
 
 
@@ -156,8 +172,8 @@ def plot(results: list[dict], curves: dict[str, list[tuple[float, float]]], path
                   label=family)
         points = [(r["wall_time_s"], r["fid"]) for r in results if r["family"] == family and "summary" not in r]
         right.plot([t for t, _ in points], [f for _, f in points], "o-", ms=4, color=COLORS[family], label=family)
-    # The three validation losses are the objectives' own: DDPM eps-MSE + VB (MDTv2's Min-SNR weighted),
-    # EDM's for MaskDiT; each curve shows its family's progress, only FID compares across families.
+    # The validation losses are the objectives' own: DDPM eps-MSE + VB (MDTv2's Min-SNR weighted),
+    # EDM's for MaskDiT and TREAD; each curve shows its family's progress, only FID compares across families.
     left.set(xlabel="training wall-clock (s)", ylabel="validation loss (each family's own)", yscale="log")
     right.set(xlabel="training wall-clock (s)", ylabel="FID (clean, lower is better)")
     # 0.05, not 5x10^-2, on the log axis; between decades only 2 and 5 are labelled, so none overlap.
@@ -205,14 +221,14 @@ def compare(args: argparse.Namespace) -> list[dict]:
     input_size = json.loads((args.data / "manifest.json").read_text())["latent_shape"][1]
     work = args.work or args.out.parent / "work"
     prepare_work(work)
-    runs = {family: work / family / "run" for family in PAPER_RECIPES}
+    runs = {family: work / family / "run" for family in args.families}
     results: list[dict] = []
     for point in range(1, args.points + 1):
         seconds = args.budget_seconds * point / args.points
         for family, run in runs.items():
-            train_to(family, f"{family}-{size}", run, args, seconds, input_size)
+            train_to(family, model_name(family, size), run, args, seconds, input_size)
             stop = at_stop(run)
-            line = {"family": family, "model": f"{family}-{size}", "step": stop["step"],
+            line = {"family": family, "model": model_name(family, size), "step": stop["step"],
                     "wall_time_s": round(stop["wall_time_s"], 2), "val_loss": stop["val_loss"],
                     **fid_of(family, run, point, args, args.ref)}
             results.append(line)
@@ -243,8 +259,10 @@ def main() -> int:
     parser.add_argument("--ref", type=Path, help="FID reference: held-out images or `mdt fid-ref` statistics "
                                                  "(default with the demo's data: its held-out images)")
     parser.add_argument("--demo", type=Path, default=Path("demo"), help="the demo folder to build or reuse")
-    parser.add_argument("--size", default=default_size(), help="model size, same for the three families "
+    parser.add_argument("--size", default=default_size(), help="model size, same for every family "
                                                                "(default: the demo's)")
+    parser.add_argument("--families", nargs="+", default=list(PAPER_RECIPES), choices=list(PAPER_RECIPES),
+                        help="what to compare (default: all)")
     parser.add_argument("--budget-seconds", type=float, default=120.0, help="training wall-clock per family")
     parser.add_argument("--points", type=int, default=3, help="evaluations per family, at equal fractions of the budget")
     parser.add_argument("--num-samples", type=int, default=120, help="samples per FID")

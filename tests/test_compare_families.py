@@ -1,4 +1,4 @@
-"""experiments/compare_families.py end to end at its smallest: three families, a few seconds of training each."""
+"""experiments/compare_families.py end to end at its smallest: four families, a few seconds of training each."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import ONE_THREAD, REPO_ROOT, run_cli, run_python
 pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves this module out
 
 TOOL = REPO_ROOT / "experiments" / "compare_families.py"
-FAMILIES = ["DiT", "MDTv2", "MaskDiT"]
+FAMILIES = ["DiT", "MDTv2", "MaskDiT", "TREAD"]
 
 
 def compare(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -32,10 +32,10 @@ def shapes(tmp_path_factory) -> tuple[Path, Path]:
     return root / "latents", root / "images" / "val"
 
 
-def test_three_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_path):
+def test_four_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_path):
     latents, ref = shapes
     out = tmp_path / "results.jsonl"
-    # One evaluation point (each is three processes, ~20 s here); the resumed segments of --points > 1
+    # One evaluation point (each is three processes per family, ~20 s here); the resumed segments of --points > 1
     # are `mdt train --resume` with a raised budget, tested in test_train.py.
     result = compare("--data", str(latents), "--ref", str(ref), "--size", "T", "--budget-seconds", "2",
                      "--points", "1", "--num-samples", "6", "--sample-steps", "3", "--val-every", "5",
@@ -49,7 +49,8 @@ def test_three_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_
     assert sorted(r["family"] for r in points) == sorted(FAMILIES)
     for record in points:
         summary = summaries[record["family"]]
-        assert record["model"] == summary["model"] == f"{record['family']}-T/2"
+        preset = "DiT" if record["family"] == "TREAD" else record["family"]
+        assert record["model"] == summary["model"] == f"{preset}-T/2"
         assert all(math.isfinite(record[k]) and record[k] > 0 for k in ("val_loss", "fid", "wall_time_s"))
         assert record["wall_time_s"] >= 2.0
         assert 0 < record["step"] == summary["steps"]  # stopped by the budget
@@ -61,6 +62,9 @@ def test_three_families_at_one_budget_give_finite_points_and_a_plot(shapes, tmp_
     config = (tmp_path / "work" / "MDTv2" / "run" / "config.yaml").read_text()
     assert "mask_ratio: 0.3" in config
     assert "max_wall_seconds: 2.0" in config  # the paper recipe's objective
+    assert summaries["TREAD"]["sampler"].startswith("--sampler edm-heun")
+    tread = json.loads((tmp_path / "work" / "TREAD" / "run" / "ema" / "model_config.json").read_text())
+    assert tread["routes"] == [{"ratio": 0.5, "start": 1, "end": 2}]  # paper_route at T/2's 4 blocks
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

@@ -3,8 +3,8 @@
 Prints JSON lines: one `matmul_peak`, one line per (model, mask ratio) pass with seconds per step,
 images/s, FLOPs per image (forward + backward, and the forward alone: the count `mdt models` prints,
 attention included), achieved FLOP/s and its fraction of the peak,
-ratio lines (MaskDiT masked vs unmasked, MDTv2 masked vs full against the token count), and
-attention with vs without relative bias. Everything is measured in this one process run.
+ratio lines (MaskDiT masked vs unmasked, MDTv2 masked vs full against the token count, DiT with
+TREAD's route routed vs full), and attention with vs without relative bias. Everything is measured in this one process run.
 
     python tools/benchmarks/bench_model.py                       # CPU: S/2, batch 8, fp32
     python tools/benchmarks/bench_model.py --device cuda --dtype bf16 --sizes S XL --batch 32
@@ -15,6 +15,7 @@ The flags are those of tools/benchmarks/bench_train.py (`make bench-model BENCH_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -27,24 +28,26 @@ from benchmark_utils import (
     matmul_peak,
     time_call,
 )
-from mdt.models import block_mask, create_model, random_mask
+from mdt.models import block_mask, create_model, model_config, random_mask
 from mdt.models.attention import Attention, attention, resolve_backend
+from mdt.models.routing import paper_route
 from mdt.models.stats import count_flops, model_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pass_fn(model, batch: int, ratio: float, device, dtype):
+def pass_fn(model, batch: int, ratio: float, device, dtype, routed: bool = False):
     cfg = model.config
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(device, dtype)
     t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
     mask = random_mask(batch, cfg.grid_size, ratio, generator=gen, device=device) if ratio else None
+    scores = [torch.rand(batch, cfg.num_tokens, generator=gen).to(device) for _ in cfg.routes] if routed else None
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(x, t, y, mask).float().square().mean().backward()
+        model(x, t, y, mask, route_scores=scores).float().square().mean().backward()
 
     return step
 
@@ -94,6 +97,31 @@ def bench_size(args, device, dtype, peak: float, size: str, compiled: bool) -> N
         emit({"figure": "mdtv2_masked_vs_full", "size": size, "compiled": compiled,
               "time_ratio": round(v2_masked[0] / v2_full[0], 3),
               "flop_ratio": round(v2_masked[1] / v2_full[1], 3)})
+
+
+def bench_routing(args, device, dtype, size: str) -> None:
+    """DiT with TREAD's route (mdt.models.routing.paper_route): a routed training pass against the full
+    pass of the same model, FLOPs counted and time measured."""
+    name = f"DiT-{size}/2"
+    route = dataclasses.asdict(paper_route(model_config(name).depth))
+    model = create_model(name, routes=[route]).to(device, dtype)
+    flops, steps = {}, {}
+    for routed in (False, True):
+        stats = model_stats(name, backward=True, routed=routed, routes=[route])
+        flops[routed] = stats.forward_flops + stats.backward_flops
+        steps[routed] = pass_fn(model, args.batch, 0.0, device, dtype, routed)
+    # Interleaved, the fastest of each: load from other jobs falls on both alike.
+    seconds = {routed: float("inf") for routed in steps}
+    for repeat in range(args.repeats):
+        for routed, step in steps.items():
+            took = time_call(step, device, warmup=args.warmup if repeat == 0 else 0, repeats=1)
+            seconds[routed] = min(seconds[routed], took)
+    for routed in steps:
+        emit({"figure": "model_pass", "model": name, "routes": [route] if routed else [], "batch": args.batch,
+              "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds[routed], 4),
+              "images_per_s": round(args.batch / seconds[routed], 2), "gflops_per_image": round(flops[routed] / 1e9, 3)})
+    emit({"figure": "tread_routed_vs_full", "model": name, "route": route,
+          "flop_ratio": round(flops[True] / flops[False], 3), "time_ratio": round(seconds[True] / seconds[False], 3)})
 
 
 def bench_attention_bias(args, device, dtype) -> None:
@@ -165,6 +193,9 @@ def main() -> None:
           **machine()})
     bench_attention_bias(args, device, dtype)
     bench_models(args, device, dtype, peak)
+    if "DiT" in args.families:
+        for size in args.sizes:
+            bench_routing(args, device, dtype, size)
     if args.maskdm:
         bench_maskdm(args, device, dtype, peak)
 
