@@ -171,9 +171,9 @@ demo: setup $(DEMO)/metrics.json ## the whole chain on built-in data on this CPU
 	@echo "demo: $(DEMO)/compare.png $(DEMO)/grid.png $(DEMO)/loss.png $(DEMO)/metrics.json"
 	@$(PY) -c "import json; m = json.load(open('$(DEMO)/metrics.json')); t = m['train']; print(f\"class accuracy {m['class_accuracy']:.3f} | FID ({m['mode']}) {m['fid']:.2f} | precision {m['precision']:.3f} recall {m['recall']:.3f} | final val loss {t['final_val_loss']:.4f} | training {t['wall_time_s']:.0f} s at {t['mean_images_per_s']:.0f} images/s\")"
 
-# compare: DiT, MDTv2 and MaskDiT for the same training wall-clock each, through mdt train/sample/fid.
+# compare: DiT, MDTv2, MaskDiT and TREAD for the same training wall-clock each, through mdt train/sample/fid.
 # No DATA: the demo's data (built in DEMO, or reused); with DATA, REF= held-out images for the FID.
-compare: setup ## the three families at one wall-clock budget: val loss and FID vs time, [DATA= REF= SIZE= BUDGET= OUT=]
+compare: setup ## DiT, MDTv2, MaskDiT and TREAD at one wall-clock budget: val loss and FID vs time, [DATA= REF= SIZE= BUDGET= OUT=]
 	$(PY) experiments/compare_families.py $(if $(DATA),--data "$(DATA)") $(if $(REF),--ref "$(REF)") --demo "$(DEMO)" \
 		$(if $(SIZE),--size $(SIZE)) $(if $(BUDGET),--budget-seconds $(BUDGET)) $(if $(OUT),--out "$(OUT)") $(COMPARE_ARGS)
 
