@@ -10,8 +10,11 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from mdt.cli_checkpoints import export_command, import_command
 from mdt.cli_common import RECIPE_HELP, command_flags, command_settings, setting
@@ -24,9 +27,22 @@ from mdt.errors import UserError
 from mdt.sample.config import SampleConfig
 from mdt.train.config import TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  context_settings={"max_content_width": 120},  # option help beside the flag, not in a narrow column
-                  help=__doc__.splitlines()[0])
+
+class _Commands(TyperGroup):
+    """The root group: a UserError from any command becomes one line on stderr and exit status 2. Here rather
+    than in main(), so a command run in process (typer's CliRunner, the tests) behaves as from the shell."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help=__doc__.splitlines()[0],
+                  context_settings={"max_content_width": 120})  # option help beside the flag, not in a narrow column
 
 
 @app.callback()
@@ -274,19 +290,20 @@ def plot_command(
     summary: Path | None = typer.Option(None, help="Also add the run's training summary to this metrics.json."),
 ) -> None:
     """Training and validation loss against steps and wall-clock, as a PNG."""
-    import json
-
     from mdt.eval.plots import plot_losses
-    from mdt.fileio import merge_json
+    from mdt.fileio import check_mergeable, merge_json, read_json_object
 
     folder = run if run.is_dir() else run.parent
     target = out or folder / "loss.png"
-    info = plot_losses(run, target)
-    if summary is not None:
-        run_summary = folder / "metrics.json"
+    run_summary = folder / "metrics.json"
+    if summary is not None:  # both read first, so a refusal leaves no plot behind
         if not run_summary.is_file():
             raise UserError(f"{run_summary} does not exist; the run has not finished, so there is no summary yet")
-        merge_json(summary, {"train": json.loads(run_summary.read_text())})
+        train_summary = read_json_object(run_summary, "drop --summary, or restore the file")
+        check_mergeable(summary)
+    info = plot_losses(run, target)
+    if summary is not None:
+        merge_json(summary, {"train": train_summary})
     typer.echo(f"wrote {target} ({info['train_points']} training and {info['val_points']} validation points)")
 
 
@@ -319,7 +336,7 @@ def main() -> None:
     try:
         with interrupt_on_stop_signals():
             app()
-    except UserError as err:
+    except UserError as err:  # one raised before a command runs (while its arguments are parsed)
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except Interrupted as stop:

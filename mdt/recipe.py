@@ -22,12 +22,24 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; pass a YAML file from pipelines/")
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
+        recipe = yaml.safe_load(path.read_bytes())
     except yaml.YAMLError as err:
-        raise UserError(f"recipe {path} is not valid YAML: {err}") from err
+        raise UserError(f"recipe {path} is not valid YAML ({_yaml_problem(err)}); fix the file or pass one from "
+                        "pipelines/") from None
+    if recipe is None:  # an empty file would silently run every stage with its defaults
+        raise UserError(f"recipe {path} is empty; pass a YAML file from pipelines/")
     if not isinstance(recipe, dict):
         raise UserError(f"recipe {path} must be a YAML mapping of sections (encode:, train:, sample:, ...)")
     return recipe
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint in one line (its own text spans several, with a caret under the spot)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"not UTF-8 text at byte {err.position}"
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
 
 
 def recipe_section(path: str | Path, name: str) -> dict[str, Any]:

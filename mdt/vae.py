@@ -29,6 +29,7 @@ import torch
 
 from mdt.distributed import default_device
 from mdt.errors import UserError
+from mdt.fileio import check_safetensors
 from mdt.vae_ldm import TORCH_SUFFIXES, first_line, load_ldm_file
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -190,6 +191,9 @@ def _diffusers_folder(folder: Path) -> tuple[Path, str | None]:
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     root, subfolder = _diffusers_folder(folder)
+    weights = root / (subfolder or "") / "diffusion_pytorch_model.safetensors"
+    if weights.is_file():  # diffusers' own complaint about a cut file names neither the cause nor the fix
+        check_safetensors(weights, "download or save the autoencoder again")
     try:
         return _autoencoder_kl().from_pretrained(
             root, subfolder=subfolder, local_files_only=True, **_load_kwargs(dtype)
@@ -213,6 +217,7 @@ def _load_single_file(
             f"--vae {path}: only .safetensors files and LDM-format {'/'.join(TORCH_SUFFIXES)} state dicts "
             "are loaded; convert it to one of these first."
         )
+    check_safetensors(path, "download it again or pass another --vae")  # not "check --vae-config" for a cut file
     config_dir = Path(config).expanduser() if config is not None else path.parent
     if not (config_dir / "config.json").is_file():
         raise UserError(

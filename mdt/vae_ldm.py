@@ -64,10 +64,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(
-            f"--vae {path}: not readable as plain tensors with weights_only=True (not a torch file, or it "
-            f"holds pickled Python objects, whose code mdt does not run); {_FIX}."
-        ) from err
+        if "Unsupported global" in str(err):  # torch's words for a class it will not build
+            raise UserError(f"--vae {path}: it holds pickled Python objects, whose code mdt does not run; {_FIX}.") from None
+        raise UserError(f"--vae {path}: not a torch file, truncated or of another format; {_FIX}.") from None
     except Exception as err:  # torch raises many kinds on a file that is not its format at all
         raise UserError(
             f"--vae {path}: not a torch file that loads with weights_only=True ({first_line(err)}); {_FIX}."
@@ -126,4 +125,5 @@ def _mismatch(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message, for a one-sentence error."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    # torch's messages run on ("... internal miniz error. If you are seeing this error, ..."): the first sentence.
+    return text[0].split(". ")[0] if text else type(err).__name__

@@ -176,3 +176,13 @@ def train_losses(run: Path) -> dict[int, float]:
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def cli_refusal(result) -> str:
+    """The message of an `mdt` command refused in process (typer's CliRunner): exit status 2 and one
+    "error: ..." line on stderr, no traceback, as from the shell."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0].removeprefix("error: ")

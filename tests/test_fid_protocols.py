@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as TF
+from helpers import cli_refusal
 from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
@@ -27,7 +28,6 @@ from typer.testing import CliRunner
 
 from mdt.cli import app
 from mdt.data.images import center_crop_adm
-from mdt.errors import UserError
 from mdt.eval import network
 from mdt.eval.features import FileImages, extract_features
 from mdt.eval.fid import FeatureOptions, sample_files
@@ -184,9 +184,7 @@ def _invoke_fid(samples: Path, ref: Path, mode: str, stand_in: Path, *extra: str
 
 
 def _refused(result, *words: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, UserError), result.output
-    message = str(result.exception)
+    message = cli_refusal(result)
     assert all(w in message for w in words), message
     assert len(message.rstrip(".").split(". ")) == 1, message  # one sentence
     return message

@@ -22,12 +22,12 @@ from golden_helpers import (
     weights,
     write_source,
 )
+from helpers import cli_refusal
 from PIL import Image
 from typer.testing import CliRunner
 
 from mdt.checkpoints.export_folder import read_checkpoint
 from mdt.cli import app
-from mdt.errors import UserError
 from mdt.models import load_pretrained, save_pretrained
 from mdt.models.embeddings import sincos_pos_embed_2d
 from mdt.sample.config import DEFAULT_STEPS, SampleConfig
@@ -158,6 +158,5 @@ def test_imported_maskdit_samples_with_edm_heun_by_the_cli_and_refuses_ddpm(
     torch.testing.assert_close(torch.tensor(record["timesteps"], dtype=torch.float64), e["sampler.t_steps"])
     assert DEFAULT_STEPS["edm-heun"] == 40  # MaskDiT's train.py/sample.py --num_steps default
     result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "ddpm")])  # the default sampler is DDPM's
-    assert isinstance(result.exception, UserError), result.output
-    assert "edm-heun" in str(result.exception)
+    assert "edm-heun" in cli_refusal(result)
     assert not (tmp_path / "ddpm").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from golden_helpers import FIXTURES, assert_trajectory_close, mdt_import
+from helpers import cli_refusal
 from safetensors import safe_open
 
 from mdt.diffusion.edm import EDMConfig, EDMObjective, denoise, karras_sigmas
@@ -114,7 +115,6 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
     from typer.testing import CliRunner
 
     from mdt.cli import app
-    from mdt.errors import UserError
 
     edm = make_export(tmp_path / "edm", vae_spec="pixel", model_name="MaskDiT-T/2", latent_shape=(3, 8, 8),
                       resolution=8, kind="pixel", scaling_factor=1.0, edm=True)
@@ -140,23 +140,18 @@ def test_mdt_sample_takes_an_edm_export_and_refuses_the_other_kind_of_sampler(tm
         (ddpm, ["--sampler", "ddpm", "--churn", "40"], "--churn"),
     ]:
         result = CliRunner().invoke(app, ["sample", "--ckpt", str(ckpt), "--out", str(tmp_path / "bad"), *base, *args])
-        assert isinstance(result.exception, UserError), result.output
-        assert words in str(result.exception)
-        assert "\n" not in str(result.exception)
+        assert words in cli_refusal(result)
         assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("drop", ["decoder_layer.linear.weight", "decoder_blocks.1.mlp.fc2.weight"])
 def test_a_maskdit_checkpoint_of_unexpected_layout_is_refused_in_one_sentence(tmp_path: Path, drop: str) -> None:
-    from mdt.errors import UserError
-
     tensors, _ = _load("maskdit.safetensors")
     state_dict = {k[len("state_dict."):]: v for k, v in tensors.items() if k.startswith("state_dict.")}
     del state_dict[f"model.{drop}"]
     torch.save({"ema": state_dict}, tmp_path / "ckpt.pt")
     result = mdt_import(tmp_path / "ckpt.pt", tmp_path / "out", "MaskDiT", ["num_heads=4", "decoder_num_heads=2"])
-    assert isinstance(result.exception, UserError), result.output
-    message = str(result.exception)
+    message = cli_refusal(result)
     assert "maskdit" in message.lower()
     assert "\n" not in message
     assert drop.rsplit(".", 2)[-2] in message  # names the missing tensor (decoder_layer's linear, a block's fc2)

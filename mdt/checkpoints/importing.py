@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import re
 import shutil
 from pathlib import Path
 from pickle import UnpicklingError  # the error of a refused weights_only load
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from mdt.checkpoints.export_folder import write_export
 from mdt.checkpoints.import_diffusion import diffusers_schedule, imported_diffusion
 from mdt.checkpoints.official import read_official, to_mdt_state_dict
 from mdt.errors import UserError
+from mdt.fileio import read_json_object, read_safetensors
 from mdt.models.config import ModelConfig
 from mdt.models.registry import FAMILY_NAMES, model_config
 from mdt.models.registry import build_model as build_family_model
 from mdt.models.transformer import DiffusionTransformer
+from mdt.settings import parse_value
 
 # Fields a preset fixes that the tensors also determine: a contradiction is refused.
 _SHAPE_FIELDS = ("hidden_size", "depth", "patch_size", "num_heads", "decoder_depth", "decoder_hidden_size", "mlp_ratio")
@@ -41,22 +42,31 @@ _SHAPE_FIELDS = ("hidden_size", "depth", "patch_size", "num_heads", "decoder_dep
 def load_checkpoint_file(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
     """The object in a .pt/.pth/.bin (safe unpickling) or .safetensors file."""
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for a bad header
-            raise UserError(f"{path} is not a readable safetensors file ({err}); re-download it") from None
+        return read_safetensors(path, "download it again")
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path} needs full unpickling, which can run arbitrary code ({first}); pass "
-                        "--trust-pickle only if you trust where the file came from") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"{path} could not be read as a PyTorch checkpoint ({str(err).splitlines()[0]}); "
-                        "the file is truncated or not a checkpoint") from None
+        refused = _REFUSED_GLOBAL.search(str(err))
+        if refused:  # a readable file that names a class: only the user's trust can get past that
+            raise UserError(f"{path} needs full unpickling, which can run arbitrary code (it names "
+                            f"{refused.group(1)}); pass --trust-pickle only if you trust where the file came "
+                            "from") from None
+        raise _not_a_checkpoint(path) from None
+    except Exception:  # torch.load on foreign bytes fails in many ways (IndexError, EOFError, RuntimeError, ...)
+        raise _not_a_checkpoint(path) from None
+
+
+# How torch's weights_only unpickler refuses a class it will not build; garbage fails otherwise.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _not_a_checkpoint(path: Path) -> UserError:
+    return UserError(f"{path} is not a readable PyTorch checkpoint (truncated or another format); mdt import reads "
+                     "torch.save files (.pt, .pth, .bin), .safetensors files and diffusers DiT folders, so download "
+                     "it again or pass one of those")
 
 
 def select_state_dict(obj: Any, source: Path) -> tuple[dict[str, Tensor], str]:
@@ -81,13 +91,13 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict[str, Tensor]]:
     if not config_path.is_file():
         raise UserError(f"{folder} is a folder without config.json or transformer/config.json; pass a diffusers "
                         "DiT folder (DiTTransformer2DModel or DiTPipeline) or a checkpoint file")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_path} could not be read as JSON ({err})") from None
+    config = read_json_object(config_path, "download the model again")
     index = root / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():  # sharded weights
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index, "download the model again").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map of tensor names to files; download the model again")
+        shards = sorted(set(map(str, weight_map.values())))
         files = [root / name for name in shards]
     else:
         files = [p for p in (root / "diffusion_pytorch_model.safetensors", root / "diffusion_pytorch_model.bin")
@@ -109,11 +119,7 @@ def _parse_sets(sets: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or key not in known:
             raise UserError(f"--set {item!r}: expected key=value with a model option ({', '.join(sorted(known))})")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out[key] = value
+        out[key] = parse_value(key, text)  # YAML, as every command's --set
     return out
 
 

@@ -8,7 +8,6 @@ beside it, as the ceiling the samples are measured against.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mdt.data.sources import list_inputs
 from mdt.errors import UserError
-from mdt.fileio import atomic_path, write_json
+from mdt.fileio import atomic_path, read_json_object, read_safetensors, write_json
 from mdt.sample.images import read_samples
 
 WEIGHTS = "classifier.safetensors"
@@ -124,9 +123,15 @@ def train_classifier(train_dir: Path, val_dir: Path | None, out: Path, *, epochs
 def load_classifier(folder: Path) -> tuple[nn.Module, dict]:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder} holds no classifier; make one with `mdt classifier train --out {folder}`")
-    config = json.loads((folder / CONFIG).read_text())
+    fix = f"train it again with `mdt classifier train --out {folder}`"
+    config = read_json_object(folder / CONFIG, fix)
+    if not all(key in config for key in ("class_names", "image_size", "val_accuracy")):
+        raise UserError(f"{folder / CONFIG} lacks class_names, image_size or val_accuracy; {fix}")
     model = make_classifier(len(config["class_names"]))
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    try:
+        model.load_state_dict(read_safetensors(folder / WEIGHTS, fix))
+    except RuntimeError:  # names or shapes of another network
+        raise UserError(f"{folder / WEIGHTS} does not hold the weights {folder / CONFIG} describes; {fix}") from None
     return model, config
 
 

@@ -10,6 +10,7 @@ so W processes compute exactly the batches one process computes and return the s
 from __future__ import annotations
 
 import math
+import re
 import time
 import zipfile
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from mdt.eval.network import FeatureNetwork
 from mdt.eval.resize import SIZE, network_input
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # mdt.sample.images.sample_path: {i:06d}.png
 
 
 def list_images(folder: Path, recursive: bool) -> list[Path]:
@@ -36,12 +38,23 @@ def list_images(folder: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def folder_images(folder: Path, recursive: bool) -> list[Path]:
+    """The images of a folder, read the same way as samples and as references: `mdt sample`'s {i:06d}.png
+    files in index order when there are any (never its grid.png), else every image (with `recursive`, in
+    subfolders too)."""
+    numbered = sorted((p for p in folder.glob("*.png") if SAMPLE_NAME.fullmatch(p.name)), key=lambda p: int(p.stem))
+    return numbered or list_images(folder, recursive)
+
+
 def common_resolution(files: Sequence[Path], what: str = "--samples") -> tuple[int, int]:
     """The (width, height) all `files` share; a UserError naming two that differ."""
     first: tuple[Path, tuple[int, int]] | None = None
     for path in files:
-        with Image.open(path) as img:  # reads the header only
-            size = img.size
+        try:
+            with Image.open(path) as img:  # reads the header only
+                size = img.size
+        except (OSError, ValueError) as err:  # empty, cut in its header, or not an image at all
+            raise UserError(f"{path} cannot be read as an image ({err}); replace or remove it.") from None
         if first is None:
             first = (path, size)
         elif size != first[1]:

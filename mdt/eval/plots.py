@@ -14,12 +14,15 @@ def read_log(run: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a run folder written by `mdt train` (or its metrics.jsonl)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} line {number} is not JSON ({err}); the log is damaged") from err
+                record = json.loads(line)
+            except ValueError as err:  # not JSON, or not UTF-8 text at all
+                raise UserError(f"{path} line {number} is not JSON ({err}); the log is damaged") from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise UserError(f"{path} line {number} is not a record with a step; the log is damaged")
+            records.append(record)
     return records
 
 
@@ -42,7 +45,11 @@ def _title(run: Path) -> str:
     if config.is_file():
         import yaml
 
-        model = (yaml.safe_load(config.read_text()) or {}).get("model")
+        try:
+            settings = yaml.safe_load(config.read_bytes())
+        except yaml.YAMLError:
+            settings = None  # a damaged config.yaml costs the title its model name, not the plot
+        model = settings.get("model") if isinstance(settings, dict) else None
         if model:
             return f"{model}: {folder.resolve().name}"
     return folder.resolve().name

@@ -9,7 +9,8 @@
   precision, recall and KID; in the other modes everything is computed from its images in that
   mode, and a batch without images is refused. Its images must have the samples' resolution, and
   the network must be Inception-v3;
-- a folder of images (searched recursively), ADM-center-cropped to the samples' resolution.
+- a folder of images (searched recursively; a folder of `mdt sample` gives its {i:06d}.png samples, as
+  for --samples), ADM-center-cropped to the samples' resolution.
 
 Features computed from images (folders, ADM batches) are cached, keyed by the source (listing,
 sizes, modification times), resolution, mode, network and the versions of this code and of the
@@ -33,9 +34,10 @@ import PIL
 
 from mdt import distributed
 from mdt.errors import UserError
-from mdt.eval.features import FileImages, NpzImages, extract_features, list_images
+from mdt.eval.features import FileImages, NpzImages, extract_features, folder_images
 from mdt.eval.network import FeatureNetwork, legacy_network_id
 from mdt.eval.stats import FeatureStats
+from mdt.fileio import check_npz
 
 STATS_FORMAT = "mdt-fid-stats"
 STATS_VERSION = 2  # 2: a mode (clean/adm, later pytorch-fid), sFID statistics, sha1 network ids
@@ -170,7 +172,7 @@ def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: EvalOp
                    trust_ref: bool = False) -> Reference:
     """The reference statistics for samples of `resolution` px, checked as the module docstring says."""
     if ref.is_dir():
-        files = list_images(ref, recursive=True)
+        files = folder_images(ref, recursive=True)  # a folder of `mdt sample` as --samples reads it
         count_check(len(files), None, f"the reference folder {ref}")
         key = ["folder", str(ref.resolve()), str(resolution), opts.mode, net.sha1, code_versions(opts.mode)]
         for p in files:
@@ -183,6 +185,7 @@ def load_reference(ref: Path, resolution: int, net: FeatureNetwork, opts: EvalOp
     if not ref.is_file():
         raise UserError(f"--ref {ref} does not exist; pass a statistics .npz, an ADM reference batch or a folder of "
                         "reference images.")
+    check_npz(ref, "--ref", "pass a statistics .npz, an ADM reference batch or a folder of images.")
     try:
         with np.load(ref, allow_pickle=False) as data:
             members = list(data.files)

@@ -18,6 +18,14 @@ from mdt.fileio import write_bytes
 from mdt.sample.images import make_grid, read_samples
 
 
+def _real_tile(path: Path, size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB").resize(size[::-1], Image.BICUBIC))
+    except (OSError, ValueError) as err:  # empty, cut or not an image
+        raise UserError(f"{path} cannot be read as an image ({err}); replace or remove it") from None
+
+
 def write_side_by_side(real: Path, samples: Path, out: Path, per_class: int = 8) -> dict[str, int]:
     """Write `out` (PNG): for each class of the samples, `per_class` real images of that class (the first
     in sorted order, from REAL/<class>/) and then `per_class` samples of it."""
@@ -35,9 +43,7 @@ def write_side_by_side(real: Path, samples: Path, out: Path, per_class: int = 8)
         if not real_paths:
             raise UserError(f"--real {real} has no images of class {name!r}; pass the images the model learned from")
         size = shown[0].shape[:2]
-        for path in real_paths:
-            with Image.open(path) as image:
-                tiles.append(np.asarray(image.convert("RGB").resize(size[::-1], Image.BICUBIC)))
+        tiles += [_real_tile(path, size) for path in real_paths]
         tiles += [np.zeros_like(shown[0])] * (per_class - len(real_paths))
         captions += [f"real {name}"] * per_class
         tiles += shown + [np.zeros_like(shown[0])] * (per_class - len(shown))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mdt.errors import UserError
-from mdt.fileio import atomic_path
+from mdt.fileio import atomic_path, check_npz
 
 
 def _moments(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +50,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: Path, what: str = "--ref") -> FeatureStats:
+        check_npz(path, what, "make it again with `mdt fid-ref`.")
         try:
             with np.load(path, allow_pickle=False) as data:
                 if "mu" not in data or "sigma" not in data:

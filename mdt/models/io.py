@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mdt.errors import UserError
-from mdt.fileio import atomic_path, write_json
+from mdt.fileio import atomic_path, read_json_object, read_safetensors, write_json
 from mdt.models.config import ModelConfig
 from mdt.models.transformer import DiffusionTransformer
 
@@ -54,12 +53,7 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise UserError(f"{path} does not exist; point to a folder written by `mdt train` (its ema/ folder) "
                         "or by mdt.models.save_pretrained")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} could not be read as JSON ({err}); re-export the model") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-export the model")
+    data = read_json_object(path, "re-export the model")
     try:
         return ModelConfig.from_dict(check_format(path, data))
     except (ValueError, TypeError) as err:
@@ -77,7 +71,8 @@ def load_pretrained(directory: str | Path, device: torch.device | str = "cpu",
     from mdt.models.registry import build_model  # the family's class (the U-ViT, or the transformer)
 
     model = build_model(config)
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    state_dict = read_safetensors(weights, "re-export it or copy it again")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise UserError(f"{weights} does not match {directory / CONFIG}: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}; the weights come from a different model")

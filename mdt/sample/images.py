@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import zipfile
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from mdt.errors import UserError
-from mdt.fileio import atomic_path, write_bytes
+from mdt.fileio import atomic_path, check_npz, read_json_object, write_bytes
 
 
 def sample_path(out_dir: Path, index: int) -> Path:
@@ -68,10 +67,18 @@ def read_samples(samples: Path) -> tuple[np.ndarray, np.ndarray, list[str] | Non
     npz = samples / "samples.npz" if samples.is_dir() else samples
     if not npz.is_file():
         raise UserError(f"{npz} does not exist; point --samples at the --out folder of `mdt sample`")
-    with np.load(npz, allow_pickle=False) as data:
-        images, labels = data["arr_0"], data["arr_1"].astype(np.int64)
+    check_npz(npz, "--samples", "run `mdt sample` again to rewrite it")
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            images, labels = data["arr_0"], data["arr_1"].astype(np.int64)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise UserError(f"{npz} is not a readable samples.npz with arr_0 images and arr_1 labels ({err}); run "
+                        "`mdt sample` again to rewrite it") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:1]:
+        raise UserError(f"{npz} holds arr_0 {images.dtype} {images.shape} and arr_1 {labels.shape}, not uint8 "
+                        "(N, H, W, 3) images and N labels; run `mdt sample` again to rewrite it")
     record = npz.parent / "sample_config.json"
-    names = json.loads(record.read_text()).get("class_names") if record.is_file() else None
+    names = read_json_object(record, "run `mdt sample` again").get("class_names") if record.is_file() else None
     return images, labels, names
 
 

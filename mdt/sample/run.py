@@ -8,7 +8,6 @@ number of processes and any number of interruptions give the same bytes for a gi
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +23,7 @@ from mdt.compiling import compile_wanted, maybe_compile
 from mdt.diffusion.edm import EDMConfig, karras_sigmas
 from mdt.diffusion.respacing import SPACINGS, sampling_timesteps
 from mdt.errors import UserError
-from mdt.fileio import write_json
+from mdt.fileio import read_json_object, write_json
 from mdt.locking import exclusive_folder
 from mdt.precision import autocast, sampling_mode, set_tf32
 from mdt.sample.config import ETA_SAMPLERS, SampleConfig
@@ -181,7 +180,7 @@ def _check_resumable(out: Path, record: dict[str, Any]) -> None:
         if any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")):
             raise UserError(f"--out {out} already holds sample PNGs from an unknown run; choose an empty folder.")
         return
-    previous = json.loads(path.read_text())
+    previous = read_json_object(path, "choose a new --out, or empty this folder to sample into it again")
     previous.setdefault("eta", 0.0 if previous.get("sampler") == "ddim" else None)  # runs from before --eta
     previous.setdefault("clip_x0", False)  # runs from before --clip-x0 did not clip
     changed = [k for k in _IDENTITY_KEYS if previous.get(k) != record[k]]

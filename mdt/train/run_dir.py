@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mdt.checkpoints.export_folder import MANIFEST_FILE
 from mdt.errors import UserError
-from mdt.fileio import write_json
+from mdt.fileio import read_json_object, read_safetensors, write_json
 from mdt.models.io import WEIGHTS
 
 LATEST = "LATEST.json"
@@ -140,14 +139,22 @@ def load_run_config(run: Path) -> dict:
     path = RunDir(run).config
     if not path.is_file():
         raise UserError(f"--resume {run}: {path} does not exist; is this a run folder written by mdt train?")
-    return yaml.safe_load(path.read_text())
+    try:
+        settings = yaml.safe_load(path.read_bytes())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume {run}: {path} is not valid YAML ({str(err).splitlines()[0]}); restore it, or "
+                        f"start a new run with --init-from {run}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"--resume {run}: {path} holds no settings (empty or damaged); restore it, or start a "
+                        f"new run with --init-from {run}")
+    return settings
 
 
 def read_json(path: Path) -> dict:
     """A JSON record of a run or export folder (e.g. data_manifest.json), which must be there."""
     if not path.is_file():
         raise UserError(f"{path} does not exist; the folder is not a complete mdt run or export")
-    return json.loads(path.read_text())
+    return read_json_object(path, "re-export it or copy the folder again")
 
 
 def replace_folder(source: Path, destination: Path) -> None:
@@ -167,7 +174,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / WEIGHTS
     if not path.is_file():
         raise UserError(f"{path} does not exist; --init-from takes a run folder, a checkpoint folder or an export")
-    return load_file(str(path))
+    return read_safetensors(path, "re-export it or copy it again")
 
 
 def resolve_init_source(path: str | Path) -> tuple[Path, Path]:
