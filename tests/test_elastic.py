@@ -82,6 +82,17 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, sta
     assert yaml.safe_load((run / "config.yaml").read_text())["grad_accum"] == 2 // after
 
 
+@pytest.mark.slow
+def test_a_resume_with_a_smaller_micro_batch_trains_the_same_samples_with_the_same_draws(runs, tmp_path):
+    """Every per-sample draw is keyed by the sample's place in the global batch: micro-batches of 2 on
+    one process (accumulation 4) continue the 2-process run of micro-batches of 4."""
+    run = preempted_copy(runs[2, 2], tmp_path / "run")
+    result = run_cli("train", "--resume", str(run), "--micro-batch", "2", nproc=1, env=ENV, timeout=300)
+    assert_ok(result)
+    assert "global batch 8 = micro 2 x accum 4 x 1 ranks" in result.stdout
+    assert_close(train_losses(run), train_losses(runs[2, 1]))
+
+
 def write_run(root: Path, micro: int, accum: int, world: int) -> RunDir:
     run = RunDir(root)
     (root / "checkpoints").mkdir(parents=True)

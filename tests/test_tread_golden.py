@@ -25,7 +25,7 @@ from mdt.sample.guidance import ClassifierFreeGuidance, GuidanceConfig
 from mdt.sample.samplers import Churn, sample_edm_heun
 
 NUM_CLASSES = 10
-ROUTES = 'routes=[{"ratio": 0.5, "start": 1, "end": 2}, {"ratio": 0.25, "start": 3, "end": 4}]'
+ROUTES = "routes=[{ratio: 0.5, start: 1, end: 2}, {ratio: 0.25, start: 3, end: 4}]"
 
 
 def assert_matches_official(out: torch.Tensor, expected: torch.Tensor) -> None:

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mdt import draws
 from mdt.diffusion.objectives import (
     LossOutput,
     check_dropout,
     combine,
     drop_labels,
-    generator_device,
     parameter_dtype,
     patchify,
 )
@@ -135,10 +135,9 @@ class EDMObjective:
     def __call__(self, model: nn.Module, x0: Tensor, y: Tensor, generator: torch.Generator | None = None
                  ) -> LossOutput:
         check_ratio(self.mask_ratio)
-        device = generator_device(generator)
         b = x0.shape[0]
-        sigma = (torch.randn(b, generator=generator, device=device) * self.cfg.p_std + self.cfg.p_mean).exp()
-        noise = torch.randn(x0.shape, generator=generator, device=device)
+        sigma = (draws.randn(generator, (b,)) * self.cfg.p_std + self.cfg.p_mean).exp()
+        noise = draws.randn(generator, x0.shape)
         y = drop_labels(y, self.num_classes, self.class_dropout, generator)
         mask = None
         if self.mask_ratio > 0:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mdt import draws
 from mdt.diffusion.objectives import (
     LossOutput,
     check_dropout,
     combine,
     drop_labels,
-    generator_device,
     masked_mean,
     parameter_dtype,
 )
@@ -104,9 +104,8 @@ class MDSMObjective:
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> LossOutput:
-        device = generator_device(generator)
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32).to(x0.device)
+        t = draws.randint(generator, self.schedule.num_timesteps, (x0.shape[0],))
+        noise = draws.randn(generator, x0.shape).to(x0.device)
         mask = self.draw_mask(x0.shape[0], generator, x0.device)
         return combine({"": self.terms(model, x0, self.labels(y, generator), t.to(x0.device), noise, mask)})
 

@@ -2,7 +2,9 @@
 
 Every objective is called as `objective(model, x0, y, generator)` and returns a `LossOutput`.
 All randomness (timesteps, noise, class dropout, masks) comes from `generator`, so a trainer that
-seeds it per step makes each step reproducible. Objectives know nothing of DeepSpeed.
+seeds it per step makes each step reproducible; the trainer passes `mdt.draws.SampleDraws`, which
+makes each sample's draws independent of how the global batch is split. Objectives know nothing of
+DeepSpeed.
 
 - DiT: eps MSE (+ Min-SNR weighting) + the VLB term that trains the learned-range variance.
 - MDT/MDTv2: the same loss on a full pass and on a masked pass of the same latents at the same
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mdt import draws
 from mdt.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from mdt.diffusion.schedule import NoiseSchedule
 from mdt.models.masking import MASKERS, check_ratio
@@ -100,15 +103,13 @@ class DiffusionObjective:
         self.routes, self.num_tokens = routes, num_tokens  # the model's TREAD routes (DiT), drawn last
 
     def draw_timesteps(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=generator,
-                          device=generator_device(generator))
+        t = draws.randint(generator, self.schedule.num_timesteps, (x0.shape[0],))
         return t.to(x0.device)
 
     def draw_noise_and_labels(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise, and labels with class dropout to the null class, from `generator`."""
-        device = generator_device(generator)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = draws.randn(generator, x0.shape)
         return noise.to(x0.device), drop_labels(y, self.num_classes, self.class_dropout, generator)
 
     def draw(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
@@ -167,7 +168,7 @@ class MDTObjective(DiffusionObjective):
         t = self.draw_timesteps(x0, generator)
         ratio = self.mask_ratio
         if self.mask_ratio_span:
-            drawn = torch.rand((), generator=generator, device=generator_device(generator)).cpu()
+            drawn = draws.rand_per_forward(generator).cpu()  # one ratio per forward pass
             ratio = drawn * self.mask_ratio_span + self.mask_ratio  # float32, as the official draw
         mask = self.masker(x0.shape[0], self.grid_size, ratio, generator=generator, device=x0.device)
         passes = {}
@@ -178,10 +179,6 @@ class MDTObjective(DiffusionObjective):
         return combine(passes)
 
 
-def generator_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
-
-
 def check_dropout(class_dropout: float) -> None:
     if not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"class dropout must be in [0, 1), got {class_dropout}")
@@ -190,7 +187,7 @@ def check_dropout(class_dropout: float) -> None:
 def drop_labels(y: torch.Tensor, num_classes: int, class_dropout: float, generator: torch.Generator | None
                 ) -> torch.Tensor:
     """Each label becomes the null class `num_classes` with probability `class_dropout` (one draw per sample)."""
-    drop = torch.rand(y.shape[0], generator=generator, device=generator_device(generator)) < class_dropout
+    drop = draws.rand(generator, (y.shape[0],)) < class_dropout
     return torch.where(drop.to(y.device), torch.full_like(y, num_classes), y)
 
 

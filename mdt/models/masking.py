@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from mdt import draws
+
 
 def check_ratio(ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
@@ -50,7 +52,7 @@ def random_mask(batch: int, grid_size: int, ratio: float | torch.Tensor, *, num_
         num_drop = n - num_kept(n, ratio)
     if not 0 <= num_drop < n:
         raise ValueError(f"a mask must drop between 0 and {n - 1} of {n} tokens, got {num_drop}")
-    scores = torch.rand(batch, n, generator=generator, device=generator.device if generator else "cpu")
+    scores = draws.rand(generator, (batch, n))
     return _mask_from_scores(scores, num_drop).to(device)
 
 
@@ -62,8 +64,7 @@ def block_mask(batch: int, grid_size: int, ratio: float, *, block: int = 2,
     if block < 1 or grid_size % block:
         raise ValueError(f"block size {block} must divide the token grid size {grid_size}")
     groups = grid_size // block
-    scores = torch.rand(batch, groups * groups, generator=generator,
-                        device=generator.device if generator else "cpu")
+    scores = draws.rand(generator, (batch, groups * groups))
     num_drop = int(ratio * grid_size * grid_size) // (block * block)
     group_mask = _mask_from_scores(scores, num_drop).view(batch, groups, groups)
     mask = group_mask.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)
@@ -80,10 +81,8 @@ def crop_mask(batch: int, grid_size: int, ratio: float, *, size: int | None = No
         raise ValueError(f"crop size {size} must lie in [1, {grid_size}], the token grid's side")
     side = size or max(1, min(grid_size, round(math.sqrt((1.0 - ratio) * grid_size * grid_size))))
     span = grid_size - side + 1
-    gen_device = generator.device if generator else "cpu"
-    top = torch.randint(span, (batch,), generator=generator, device=gen_device)
-    left = torch.randint(span, (batch,), generator=generator, device=gen_device)
-    coords = torch.arange(grid_size, device=gen_device)
+    top, left = draws.randint(generator, span, (batch,)), draws.randint(generator, span, (batch,))
+    coords = torch.arange(grid_size, device=draws.device_of(generator))
     rows_in = (coords[None] >= top[:, None]) & (coords[None] < top[:, None] + side)  # (B, g)
     cols_in = (coords[None] >= left[:, None]) & (coords[None] < left[:, None] + side)
     keep = rows_in[:, :, None] & cols_in[:, None, :]

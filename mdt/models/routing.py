@@ -15,6 +15,7 @@ import contextlib
 
 import torch
 
+from mdt import draws
 from mdt.models.config import Route
 
 
@@ -35,8 +36,7 @@ def draw_route_scores(num_routes: int, batch: int, tokens: int, generator: torch
                       device: torch.device) -> list[torch.Tensor]:
     """Per route, a (B, tokens) uniform score per grid token; a masked model ranks its visible tokens by
     theirs (uniform scores of a subset are uniform too)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return [torch.rand(batch, tokens, generator=generator, device=gen_device).to(device) for _ in range(num_routes)]
+    return [draws.rand(generator, (batch, tokens)).to(device) for _ in range(num_routes)]
 
 
 class Router:

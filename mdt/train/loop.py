@@ -1,10 +1,10 @@
 """The training loop: latent shards + a model preset -> a run folder with checkpoints and logs.
 
 One program for one CPU process and for many GPU nodes: DeepSpeed (mdt.train.engine) does the
-distribution. Each step's randomness (timesteps, noise, class dropout, masks) comes from a generator
-seeded by (seed, step, micro-batch index within the global batch), never by rank, and the data stream
-is a pure function of the step (mdt.data.reader): a resumed run repeats exactly what an uninterrupted
-one would have done, on the same or (mdt.train.elastic) another number of ranks.
+distribution. Each sample's randomness (timesteps, noise, class dropout, masks, routes) is keyed by
+(seed, step, position in the global batch), never by rank (mdt.draws), and the data stream is a pure
+function of the step (mdt.data.reader): a resumed run repeats exactly what an uninterrupted one would
+have done, on the same or (mdt.train.elastic) another number of ranks.
 
 `_train` reads in phases: find where the weights come from (`_find_origin`), build the model, objective
 and engine (`_set_up`), load the step, clock and EMA to go on from (`_resume`), record the run
@@ -53,7 +53,7 @@ from mdt.train.objective import MaskedObjective, Objective, masked
 from mdt.train.optimizer import build_optimizer
 from mdt.train.run_dir import RunDir, read_json, read_weights, resolve_init_source
 from mdt.train.schedules import lr_multiplier, unmask_ratio
-from mdt.train.seeding import mix_seed
+from mdt.train.seeding import step_draws
 from mdt.train.validation import validation_loss
 
 __all__ = ["TrainResult", "TrainingError", "summarize", "train"]
@@ -357,9 +357,8 @@ def _step(cfg: TrainConfig, parts: Parts, ema: EMA, loader, step: int, on_gpu: b
     step_parts: dict[str, float] = {}
     for micro in range(cfg.grad_accum):
         batch = next(loader)
-        # Keyed by the micro-batch's place in the global batch: the same draws on any number of ranks.
-        index_in_step = parts.rank * cfg.grad_accum + micro
-        gen = torch.Generator(device=engine.device).manual_seed(mix_seed(cfg.seed, step, index_in_step))
+        gen = step_draws(cfg.seed, step, parts.rank * cfg.grad_accum + micro, cfg.micro_batch, parts.global_batch,
+                         engine.device)
         latents = batch["latents"].to(engine.device, non_blocking=on_gpu)
         labels = batch["labels"].to(engine.device, non_blocking=on_gpu)
         out = parts.objective(engine, latents, labels, gen)
