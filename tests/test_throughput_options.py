@@ -15,26 +15,31 @@ from PIL import Image
 from mdt.models import create_model
 from mdt.models.masking import random_mask
 
+ROUTE = {"ratio": 0.5, "start": 1, "end": 2}  # TREAD: half the tokens skip blocks 1-2 of T/2's 4
+
 
 def _model(name: str) -> torch.nn.Module:
+    """A preset at 8 px; `+routes`: with a TREAD route."""
     torch.manual_seed(0)
-    model = create_model(name, input_size=8, num_classes=4)
+    base = name.removesuffix("+routes")
+    model = create_model(base, input_size=8, num_classes=4, routes=[ROUTE] if base != name else [])
     for module in model.modules():  # adaLN and the output start at zero: give every block an effect
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, std=0.05)
     return model
 
 
-@pytest.mark.parametrize("name", ["DiT-T/2", "MDTv2-T/2", "MaskDiT-T/2"])
+@pytest.mark.parametrize("name", ["DiT-T/2", "MDTv2-T/2", "MaskDiT-T/2", "DiT-T/2+routes", "MaskDiT-T/2+routes"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(name: str) -> None:
     model = _model(name)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 2, 4])
-    mask = random_mask(3, 4, 0.5, generator=torch.Generator().manual_seed(1)) if name != "DiT-T/2" else None
+    mask = random_mask(3, 4, 0.5, generator=torch.Generator().manual_seed(1)) if "MDT" in name or "Mask" in name else None
+    scores = [torch.rand(3, 16, generator=torch.Generator().manual_seed(2))] if name.endswith("+routes") else None
 
     def loss_and_grads(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad()
         model.set_activation_checkpointing(checkpointing)
-        loss = model(x, t, y, mask).square().mean()
+        loss = model(x, t, y, mask, route_scores=scores).square().mean()
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -62,6 +67,15 @@ def test_activation_checkpointing_recomputes_in_the_backward_pass() -> None:
 
 
 @pytest.mark.slow
+def test_a_routed_pass_compiles_to_the_eager_result() -> None:
+    model = _model("DiT-T/2+routes")
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 999]), torch.tensor([0, 2, 4])
+    scores = [torch.rand(3, 16, generator=torch.Generator().manual_seed(2))]
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, t, y, route_scores=scores), model(x, t, y, route_scores=scores))
+    torch.testing.assert_close(compiled(x, t, y), model(x, t, y))  # and without routes (inference)
+
+
 def test_masked_passes_with_changing_kept_counts_do_not_recompile_every_batch() -> None:
     """MDT draws a mask ratio per batch: after one recompile the token dimension is dynamic."""
     import torch._dynamo

@@ -44,12 +44,12 @@ def model_stats(name: str, mask_ratio: float = 0.0, *, backward: bool = False, r
     x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     mask = random_mask(1, cfg.grid_size, mask_ratio, generator=torch.Generator().manual_seed(0)) if mask_ratio else None
-    scores = [torch.rand(1, cfg.num_tokens, device=device) for _ in cfg.routes] if routed else None
+    routing = {"route_scores": [torch.rand(1, cfg.num_tokens, device=device) for _ in cfg.routes]} if routed else {}
     outputs = []
 
     def forward() -> None:
         with torch.set_grad_enabled(backward):
-            outputs.append(model(x, t, t, mask, route_scores=scores).float().sum())
+            outputs.append(model(x, t, t, mask, **routing).float().sum())
 
     forward_flops = count_flops(forward)
     backward_flops = count_flops(outputs[0].backward) if backward else None

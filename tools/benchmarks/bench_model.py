@@ -43,11 +43,12 @@ def pass_fn(model, batch: int, ratio: float, device, dtype, routed: bool = False
     t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=gen).to(device)
     mask = random_mask(batch, cfg.grid_size, ratio, generator=gen, device=device) if ratio else None
-    scores = [torch.rand(batch, cfg.num_tokens, generator=gen).to(device) for _ in cfg.routes] if routed else None
+    routing = {"route_scores": [torch.rand(batch, cfg.num_tokens, generator=gen).to(device) for _ in cfg.routes]
+               } if routed else {}
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(x, t, y, mask, route_scores=scores).float().square().mean().backward()
+        model(x, t, y, mask, **routing).float().square().mean().backward()
 
     return step
 
