@@ -81,6 +81,8 @@ def train_command(
                                       "which the run's training time reached this many seconds; 0: no budget"),
     micro_batch: int = setting(TrainConfig, "micro_batch", "samples per rank per micro-step"),
     grad_accum: int = setting(TrainConfig, "grad_accum", "micro-steps per optimizer step"),
+    global_batch: int = setting(TrainConfig, "global_batch", "samples per optimizer step over all ranks; set, "
+                                "grad_accum follows from it on any number of processes (0: micro x accum x ranks)"),
     lr: float = setting(TrainConfig, "lr", "peak learning rate"),
     ckpt_every: int = setting(TrainConfig, "ckpt_every", "checkpoint every K steps"),
     val_every: int = setting(TrainConfig, "val_every", "validation loss every K steps (needs val_shards)"),

@@ -163,13 +163,19 @@ def test_sigterm_under_torchrun_checkpoints_the_reached_step_and_resumes_exactly
     assert reached < 100000
     assert "stopped by SIGTERM at step" in stdout
 
-    # Resumed with another worker count: the stream does not depend on it.
-    target = reached + 3
+    # Resumed with another worker count: the stream does not depend on it. The group case (a SLURM
+    # requeue) resumes on one process: the same stream, the optimizer state resharded (elastic).
+    target, nproc = reached + 3, 1 if delivery == "group" else 2
     result = run_cli("train", "--resume", str(run), "--steps", str(target), "--num-workers", "0",
-                     nproc=2, env=ENV, timeout=WAIT_S)
+                     nproc=nproc, env=ENV, timeout=WAIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     straight = straight_losses(latents, root, max(target, 40))
-    assert losses(run) == {s: straight[s] for s in range(1, target + 1)}
+    expected = {s: straight[s] for s in range(1, target + 1)}
+    if nproc == 2:
+        assert losses(run) == expected
+    else:
+        assert "written on 2 processes (ZeRO-2) on 1" in result.stdout
+        assert losses(run) == pytest.approx(expected, rel=1e-5)  # gradients summed in another order
 
 
 def test_checkpoint_failures_leave_a_resumable_run(latents: Path, tmp_path: Path) -> None:
