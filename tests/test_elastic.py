@@ -93,6 +93,18 @@ def test_a_resume_with_a_smaller_micro_batch_trains_the_same_samples_with_the_sa
     assert_close(train_losses(run), train_losses(runs[2, 1]))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_resume_may_change_the_zero_stage(runs, tmp_path, stage):
+    """A ZeRO-2 checkpoint of 2 processes resumed on one process under ZeRO-1 or ZeRO-3."""
+    run = preempted_copy(runs[2, 2], tmp_path / "run")
+    result = run_cli("train", "--resume", str(run), "--deepspeed-config", f"deepspeed_configs/zero{stage}.json",
+                     nproc=1, env=ENV, timeout=300)
+    assert_ok(result)
+    assert f"written on 2 processes (ZeRO-2) on 1 (ZeRO-{stage})" in result.stdout
+    assert_close(train_losses(run), train_losses(runs[2, 1]))
+
+
 def write_run(root: Path, micro: int, accum: int, world: int) -> RunDir:
     run = RunDir(root)
     (root / "checkpoints").mkdir(parents=True)

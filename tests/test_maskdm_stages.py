@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow  # launches processes: `make test-fast` leaves thi
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 PRETRAIN = REPO_ROOT / "pipelines" / "maskdm-celebahq256-pretrain.yaml"
 FINETUNE = REPO_ROOT / "pipelines" / "maskdm-celebahq256-finetune.yaml"
-TINY = ["--model", "UViT-T/2", "--steps", "3", "--micro-batch", "4", "--log-every", "1", "--num-workers", "0",
+TINY = ["--model", "UViT-T/2", "--steps", "3", "--micro-batch", "4", "--global-batch", "4", "--log-every", "1",
+        "--num-workers", "0",
         "--precision", "fp32", "--ckpt-every", "3", "--set", "model_options.input_size=8"]
 
 

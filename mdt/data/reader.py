@@ -249,7 +249,7 @@ class LatentLoader:
         self.steps_per_epoch = total // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(f"{data_dir}: its {total} samples do not fill one global batch of {self.global_batch}; "
-                            "lower the batch size or encode more data.")
+                            "lower global_batch (or micro_batch x grad_accum x processes) or encode more data.")
         self.micro_batch = micro_batch
         self.num_workers = num_workers
         self.start_step = start_step

@@ -118,7 +118,7 @@ def bench_routing(args, device, dtype, size: str) -> None:
             took = time_call(step, device, warmup=args.warmup if repeat == 0 else 0, repeats=1)
             seconds[routed] = min(seconds[routed], took)
     for routed in steps:
-        emit({"figure": "model_pass", "model": name, "routes": [route] if routed else [], "batch": args.batch,
+        emit({"figure": "routed_pass", "model": name, "routes": [route] if routed else [], "batch": args.batch,
               "dtype": args.dtype, "device": device.type, "seconds_per_step": round(seconds[routed], 4),
               "images_per_s": round(args.batch / seconds[routed], 2), "gflops_per_image": round(flops[routed] / 1e9, 3)})
     emit({"figure": "tread_routed_vs_full", "model": name, "route": route,
