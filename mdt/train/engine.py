@@ -217,23 +217,32 @@ class Engine:
         """Collective: the optimizer's state as if trained on one rank, for a resume on another world size
         or ZeRO stage. Returns ({state key: {parameter name: fp32 tensor}} for every per-element state
         (AdamW's exp_avg and exp_avg_sq, Adan's four moments), and the rest as JSON-ready values:
-        per-partition scalars such as AdamW's step, per-group values such as Adan's step, and the
+        the partitions' scalars such as AdamW's step, per-group values such as Adan's step, and the
         lr schedule's and loss scaler's state)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
         base, masters = self._base_optimizer(), self.master_partitions()
         states = [base.state.get(m, {}) for m in masters]
-        keys = sorted(k for k, v in states[0].items() if torch.is_tensor(v) and v.dim() > 0)
-        from deepspeed.utils import safe_get_full_fp32_param
+        # Rank 0's keys for all: every rank must gather the same states (a rank whose partition holds no
+        # elements may have no state for it: it contributes zeros).
+        keys = [sorted({k for state in states for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0})]
+        if distributed.is_initialized():
+            torch.distributed.broadcast_object_list(keys, src=0)
+        keys = keys[0]
 
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         keep = distributed.is_main()  # every rank gathers, only rank 0 keeps a copy (in host memory)
         for key in keys:
-            with self.masters_replaced_by([state[key] for state in states]):
+            with self.masters_replaced_by([state.get(key, torch.zeros_like(m)) for state, m in zip(states, masters,
+                                                                                                  strict=True)]):
                 tensors[key] = {}
                 for name, param in self.engine.module.named_parameters():
                     full = safe_get_full_fp32_param(param)
                     if keep:
                         tensors[key][name] = full.cpu()
-        scalars = [{k: _scalar_to_json(v) for k, v in state.items() if k not in keys} for state in states]
+        # The same in every partition (AdamW's step): one copy, from a partition that has state.
+        scalars = next(({k: _scalar_to_json(v) for k, v in state.items() if k not in keys} for state in states
+                        if state), {})
         scaler = getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
         rest = {
             "partition_scalars": scalars,
@@ -249,15 +258,13 @@ class Engine:
         """Inverse of full_optimizer_state on this engine's world size and ZeRO stage (each rank keeps its
         partition), and DeepSpeed's step counters set to `step`."""
         base, masters = self._base_optimizer(), self.master_partitions()
-        if len(rest["partition_scalars"]) != len(masters) and rest["partition_scalars"]:
-            rest = {**rest, "partition_scalars": [rest["partition_scalars"][0]] * len(masters)}
         for key, full in tensors.items():
             parts = [torch.zeros_like(m) for m in masters]
             self.scatter_full_params(full, into=parts)
             for master, part in zip(masters, parts, strict=True):
                 base.state[master][key] = part
-        for master, scalars in zip(masters, rest["partition_scalars"], strict=True):
-            for key, value in scalars.items():
+        for master in masters:
+            for key, value in rest["partition_scalars"].items():
                 base.state[master][key] = _scalar_from_json(value, master.device)
         for group, group_step in zip(base.param_groups, rest["group_steps"], strict=False):
             if group_step is not None:
