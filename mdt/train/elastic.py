@@ -19,20 +19,18 @@ goes on as it would have, up to the order in which gradients are summed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mdt import distributed
-from mdt.errors import UserError
-from mdt.fileio import atomic_path, write_json
+from mdt.fileio import atomic_path, read_json_object, read_safetensors, write_json
 from mdt.train.engine import Engine
 
 ELASTIC_DIR = "elastic"
 STATE_FILE = "state.json"
+UNREADABLE_FIX = "resume with the world size and ZeRO stage that wrote the checkpoint, or restore the file"
 
 
 def save_elastic_state(engine: Engine, folder: Path, record: dict[str, Any]) -> None:
@@ -49,25 +47,12 @@ def save_elastic_state(engine: Engine, folder: Path, record: dict[str, Any]) -> 
 def read_elastic_record(folder: Path) -> dict[str, Any] | None:
     """The checkpoint's elastic record (state.json), or None for a checkpoint written without one."""
     path = folder / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is unreadable ({err}); resume with the world size that wrote the checkpoint, "
-                        "or restore the file") from None
+    return read_json_object(path, UNREADABLE_FIX) if path.is_file() else None
 
 
 def load_elastic_state(engine: Engine, folder: Path, record: dict[str, Any], global_batch: int) -> None:
     """Every rank reads the whole state and keeps its partition (weights: see mdt.train.loop)."""
-    tensors = {}
-    for key in record["state_keys"]:
-        path = folder / f"{key}.safetensors"
-        try:
-            tensors[key] = load_file(str(path))
-        except (OSError, SafetensorError) as err:
-            raise UserError(f"{path} is unreadable ({err}); resume with the world size that wrote the "
-                            "checkpoint, or restore the file") from None
+    tensors = {key: read_safetensors(folder / f"{key}.safetensors", UNREADABLE_FIX) for key in record["state_keys"]}
     engine.load_full_optimizer_state(tensors, record["optimizer"], int(record["step"]), global_batch)
 
 

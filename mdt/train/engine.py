@@ -187,17 +187,21 @@ class Engine:
                 target.copy_(master)
 
     @torch.no_grad()
-    def full_fp32_params(self) -> dict[str, torch.Tensor]:
+    def full_fp32_params(self, main_only: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter whole and in fp32: the optimizer's master copy under bf16 or ZeRO-3.
 
-        Collective under ZeRO (every rank must call it).
+        Collective under ZeRO (every rank must call it). `main_only`: only rank 0 keeps the tensors, in
+        host memory (the others return {}), so a large gather does not pile up on every device.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
         params = {}
+        keep = not main_only or distributed.is_main()
         for name, param in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(param) if self.zero_stage > 0 else None
-            params[name] = full if full is not None else param.detach().float()
+            if keep:
+                full = full if full is not None else param.detach().float()
+                params[name] = full.cpu() if main_only else full
         return params
 
     @torch.no_grad()
@@ -219,8 +223,6 @@ class Engine:
         (AdamW's exp_avg and exp_avg_sq, Adan's four moments), and the rest as JSON-ready values:
         the partitions' scalars such as AdamW's step, per-group values such as Adan's step, and the
         lr schedule's and loss scaler's state)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
         base, masters = self._base_optimizer(), self.master_partitions()
         states = [base.state.get(m, {}) for m in masters]
         # Rank 0's keys for all: every rank must gather the same states (a rank whose partition holds no
@@ -231,15 +233,10 @@ class Engine:
         keys = keys[0]
 
         tensors: dict[str, dict[str, torch.Tensor]] = {}
-        keep = distributed.is_main()  # every rank gathers, only rank 0 keeps a copy (in host memory)
         for key in keys:
             with self.masters_replaced_by([state.get(key, torch.zeros_like(m)) for state, m in zip(states, masters,
                                                                                                   strict=True)]):
-                tensors[key] = {}
-                for name, param in self.engine.module.named_parameters():
-                    full = safe_get_full_fp32_param(param)
-                    if keep:
-                        tensors[key][name] = full.cpu()
+                tensors[key] = self.full_fp32_params(main_only=True)
         # The same in every partition (AdamW's step): one copy, from a partition that has state.
         scalars = next(({k: _scalar_to_json(v) for k, v in state.items() if k not in keys} for state in states
                         if state), {})
